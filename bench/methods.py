@@ -1,6 +1,6 @@
 """Benchmark every unlearning method on digits against the retrain reference.
 
-    .venv/bin/python bench/methods.py                      # hyperparameters from configs/digits-methods.yaml
+    .venv/bin/python bench/methods.py                      # hyperparameters from methods/digits.yaml
     .venv/bin/python bench/methods.py --defaults           # the registered (SPEC / RUM) defaults instead
 
 Trains the original small CNN (Recipe(30, 0.1, 128), seed 0) recording the learning-event proxies, takes
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "digits-methods.yaml"),
+    ap.add_argument("--config", default=str(ROOT / "methods" / "digits.yaml"),
                     help="YAML mapping method -> hyperparameters (the digits-tuned values)")
     ap.add_argument("--defaults", action="store_true", help="use every method's registered defaults instead")
     ap.add_argument("--per-tier", type=int, default=20, help="forget examples per tier (3 tiers)")

@@ -28,7 +28,8 @@ from rumflow.planning import TIERS, StepPlan, plan_step
 from rumflow.proxies.registry import PROXIES, memorization_of
 from rumflow.runtime import check_feasible, dataset_on
 from rumflow.tasks.caching import ensure, in_run_dir
-from rumflow.tasks.work import (PREPARATIONS, Scores, Trained, evaluate_task, forgetting_quality_task,
+from rumflow.methods.registry import get_method
+from rumflow.tasks.work import (Scores, prepare_task, Trained, evaluate_task, forgetting_quality_task,
                                 memorization_task, proxy_task, train_task, unlearn_task)
 from rumflow.training import resolve_device
 
@@ -90,13 +91,14 @@ class Run:
     def unlearn_step(self, parent: CheckpointRef, plan: StepPlan, stage: str, spec: MethodSpec, seed: int):
         c = self.cfg
         exclude = plan.excluded_from_retain(stage, c.forget.retain_policy)
-        extras = {}
-        if spec.method in PREPARATIONS:
-            key, prepare = PREPARATIONS[spec.method]
-            extras[key] = ensure(in_run_dir(prepare, self.run_dir), parent, plan.tier(stage), spec, c.data,
-                                 c.model, self.device, self.workdir).ckpt
+        prep = get_method(spec.method).prepare
+        prepared = None
+        if prep is not None:
+            prepared = ensure(in_run_dir(prepare_task, self.run_dir), parent, plan.tier(stage),
+                              exclude if prep.uses_retain else None, spec, seed if prep.uses_seed else None,
+                              c.data, c.model, c.train, self.device, self.workdir).ckpt
         return ensure(self.unlearn, parent, plan.tier(stage), exclude, spec, seed, c.data, c.model, c.train,
-                      self.device, self.workdir, extras=extras)
+                      self.device, self.workdir, prepared=prepared)
 
     def metrics(self, ckpt: CheckpointRef, plan: StepPlan, seed: int) -> dict[str, Any]:
         c = self.cfg
@@ -109,7 +111,7 @@ class Run:
         spec = method if isinstance(method, MethodSpec) else MethodSpec(method=method)
         row = {**self.provenance, "seed": seed, "proxy": proxy, "strategy": strategy,
                "step": plan.step if step is None else step, "stage": stage, "tier": stage, "final": final,
-               "method": spec.method, "params": json.dumps(spec.params, sort_keys=True),
+               "method": spec.method, "params": json.dumps(spec.params.model_dump(mode="json"), sort_keys=True),
                "checkpoint": ckpt.sha256, "seconds": seconds, "seconds_step": seconds_step,
                "retrain_seconds": retrain_seconds, "n_forget": len(plan.mix),
                "n_retain": len(self.ids) - len(plan.forgotten), "retain_policy": self.cfg.forget.retain_policy,

@@ -7,8 +7,8 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
-from rumflow.methods.common import ensure_finite
-from rumflow.methods.registry import MethodParams, NoParams, UnlearnContext, register
+from rumflow.methods.registry import (MethodParams, NoParams, UnlearnContext, epoch_batches, register,
+                                      retain_count)
 from rumflow.training import batches_per_epoch, check_loss, minibatches, sgd, train_model
 
 
@@ -18,13 +18,14 @@ def no_update(model: nn.Module, forget: Split, retain: Split, p: NoParams, ctx: 
     return model
 
 
-@register("retrain", NoParams)
+@register("retrain", NoParams, needs_forget=False)
 def retrain(model: nn.Module, forget: Split, retain: Split, p: NoParams, ctx: UnlearnContext) -> nn.Module:
     """Train a fresh model from scratch on the retain set with the original recipe."""
     fresh = ctx.fresh_model().to(retain.x.device)
     result = train_model(fresh, retain, ctx.recipe, seed=ctx.seed, augment=ctx.augment)
-    ctx.stats["loss"] = [result.mean_loss]
-    return ensure_finite(fresh, "retrain")
+    ctx.stats["loss"].append(result.mean_loss)
+    ctx.stats["examples"] = ctx.recipe.epochs * len(retain)
+    return fresh
 
 
 class FinetuneParams(MethodParams):
@@ -36,15 +37,13 @@ class FinetuneParams(MethodParams):
 def finetune(model: nn.Module, forget: Split, retain: Split, p: FinetuneParams,
              ctx: UnlearnContext) -> nn.Module:
     """Fine-tune on the retain set with cross-entropy (catastrophic forgetting of D_f)."""
-    if len(forget) == 0:  # nothing to forget: an empty request leaves the model as it is
-        return model
     gen = ctx.generator()
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
-    losses = ctx.stats["loss"] = []
+    losses = ctx.stats["loss"]
     for epoch in range(p.epochs):
         model.train()
         loss_sum, batches = torch.zeros((), device=retain.x.device), 0
-        for idx in minibatches(len(retain), p.batch_size, gen, retain.x.device):
+        for idx in epoch_batches(len(retain), p, gen, retain.x.device):
             loss = F.cross_entropy(model(retain.x[idx]), retain.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -52,7 +51,7 @@ def finetune(model: nn.Module, forget: Split, retain: Split, p: FinetuneParams,
             loss_sum += loss.detach()
             batches += 1
         losses.append(check_loss(loss_sum, batches, "finetune", epoch))
-    return ensure_finite(model, "finetune")
+    return model
 
 
 class L1SparseParams(MethodParams):
@@ -66,19 +65,17 @@ class L1SparseParams(MethodParams):
 def l1_sparse(model: nn.Module, forget: Split, retain: Split, p: L1SparseParams,
               ctx: UnlearnContext) -> nn.Module:
     """Fine-tune on the retain set with CE + a_t * ||theta||_1, a_t = alpha * (1 - t / T) over T steps."""
-    if len(forget) == 0:
-        return model
     gen = ctx.generator()
     device = retain.x.device
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
     params = [q for q in model.parameters() if q.requires_grad]
-    total = p.epochs * batches_per_epoch(len(retain), p.batch_size)
-    losses = ctx.stats["loss"] = []
+    total = p.epochs * batches_per_epoch(retain_count(len(retain), p), p.batch_size)
+    losses = ctx.stats["loss"]
     step = 0
     for epoch in range(p.epochs):
         model.train()
         ce_sum, batches = torch.zeros((), device=device), 0
-        for idx in minibatches(len(retain), p.batch_size, gen, device):
+        for idx in epoch_batches(len(retain), p, gen, device):
             a_t = p.alpha * (1 - step / total)
             ce = F.cross_entropy(model(retain.x[idx]), retain.y[idx])
             l1 = torch.stack([q.abs().sum() for q in params]).sum()
@@ -90,4 +87,4 @@ def l1_sparse(model: nn.Module, forget: Split, retain: Split, p: L1SparseParams,
             batches += 1
             step += 1
         losses.append(check_loss(ce_sum, batches, "l1_sparse", epoch))
-    return ensure_finite(model, "l1_sparse")
+    return model

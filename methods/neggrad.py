@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
-from rumflow.methods.common import ensure_finite
-from rumflow.methods.registry import MethodParams, UnlearnContext, register
+from rumflow.methods.registry import MethodParams, UnlearnContext, epoch_batches, register
 from rumflow.training import check_loss, minibatches, sgd
 
 
@@ -23,12 +22,10 @@ class NegGradParams(MethodParams):
 @register("neggrad", NegGradParams)
 def neggrad(model: nn.Module, forget: Split, retain: Split, p: NegGradParams, ctx: UnlearnContext) -> nn.Module:
     """Gradient ascent on the forget set: minimise -CE(forget) (GA)."""
-    if len(forget) == 0:
-        return model
     gen = ctx.generator()
     device = forget.x.device
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
-    losses = ctx.stats["loss"] = []
+    losses = ctx.stats["loss"]
     for epoch in range(p.epochs):
         model.train()
         loss_sum, batches = torch.zeros((), device=device), 0
@@ -40,7 +37,7 @@ def neggrad(model: nn.Module, forget: Split, retain: Split, p: NegGradParams, ct
             loss_sum += loss.detach()
             batches += 1
         losses.append(check_loss(loss_sum, batches, "neggrad", epoch))
-    return ensure_finite(model, "neggrad")
+    return model
 
 
 class NegGradPlusParams(MethodParams):
@@ -65,22 +62,20 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 def neggrad_plus(model: nn.Module, forget: Split, retain: Split, p: NegGradPlusParams,
                  ctx: UnlearnContext) -> nn.Module:
     """alpha * CE(retain batch) - (1 - alpha) * CE(cycled forget batch); an epoch is one pass over D_r."""
-    if len(forget) == 0:
-        return model
     gen = ctx.generator()
     device = retain.x.device
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
     scrub = p.variant == "scrub"
     params = [q for q in model.parameters() if q.requires_grad]
     start = [q.detach().clone() for q in params] if scrub else []
-    losses = ctx.stats["loss"] = []
+    losses = ctx.stats["loss"]
     forget_batches: list[torch.Tensor] = []
     for epoch in range(p.epochs):
         model.train()
         if scrub:
             _freeze_batchnorm(model)
         loss_sum, batches = torch.zeros((), device=device), 0
-        for idx in minibatches(len(retain), p.batch_size, gen, device):
+        for idx in epoch_batches(len(retain), p, gen, device):
             if not forget_batches:
                 forget_batches = list(minibatches(len(forget), p.batch_size, gen, device))
             fidx = forget_batches.pop(0)
@@ -95,4 +90,4 @@ def neggrad_plus(model: nn.Module, forget: Split, retain: Split, p: NegGradPlusP
             loss_sum += loss.detach()
             batches += 1
         losses.append(check_loss(loss_sum, batches, f"neggrad_plus ({p.variant})", epoch))
-    return ensure_finite(model, "neggrad_plus")
+    return model

@@ -8,8 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
-from rumflow.methods.common import ensure_finite, mixed_batches, num_classes
-from rumflow.methods.registry import MethodParams, UnlearnContext, register
+from rumflow.methods.common import mixed_batches, num_classes
+from rumflow.methods.registry import MethodParams, Preparation, UnlearnContext, register, retain_sample
 from rumflow.training import check_loss, minibatches, sgd
 
 
@@ -79,12 +79,15 @@ def _relabel_unlearn(model: nn.Module, forget: Split, retain: Split, p: MethodPa
             if q.requires_grad:
                 m = mask[name].to(device=q.device, dtype=torch.bool)
                 restricted.append((q, m, ~m, q.detach().clone()))
-    losses = ctx.stats["loss"] = []
+    losses = ctx.stats["loss"]
     for epoch in range(p.epochs):
         model.train()
         fake = random_labels(forget.y, classes, gen)
+        sample = retain_sample(len(retain), p, gen)
+        pool = torch.arange(len(retain), device=device) if sample is None else sample.to(device)
         loss_sum, batches = torch.zeros((), device=device), 0
-        for fidx, ridx in mixed_batches(len(forget), len(retain), p.batch_size, gen, device):
+        for fidx, ridx in mixed_batches(len(forget), len(pool), p.batch_size, gen, device):
+            ridx = pool[ridx]
             xb = torch.cat([forget.x[fidx], retain.x[ridx]])
             yb = torch.cat([fake[fidx], retain.y[ridx]])
             loss = F.cross_entropy(model(xb), yb)
@@ -103,31 +106,33 @@ def _relabel_unlearn(model: nn.Module, forget: Split, retain: Split, p: MethodPa
             loss_sum += loss.detach()
             batches += 1
         losses.append(check_loss(loss_sum, batches, what, epoch))
-    return ensure_finite(model, what)
+    return model
 
 
-@register("random_label", RandomLabelParams)
+@register("random_label", RandomLabelParams, source="SPEC; RUM/SalUn code")
 def random_label(model: nn.Module, forget: Split, retain: Split, p: RandomLabelParams,
                  ctx: UnlearnContext) -> nn.Module:
     """CE on D_f with random wrong labels (redrawn each epoch, over all other classes) mixed with D_r."""
-    if len(forget) == 0:
-        return model
     return _relabel_unlearn(model, forget, retain, p, ctx, None, "random_label")
 
 
-@register("salun", SalunParams)
+def _prepare_salun(model: nn.Module, forget: Split, retain: Split, p: SalunParams,
+                   ctx: UnlearnContext) -> dict[str, torch.Tensor]:
+    """The saliency mask of the model being unlearned (SalUn's preparation)."""
+    return salun_mask(model, forget, p.threshold, p.batch_size)
+
+
+@register("salun", SalunParams, source="SPEC; Fan et al. 2024",
+          prepare=Preparation(_prepare_salun, params=("threshold", "batch_size")))
 def salun(model: nn.Module, forget: Split, retain: Split, p: SalunParams, ctx: UnlearnContext) -> nn.Module:
     """Random labelling restricted to the top-`threshold` weights by forget-loss saliency (SalUn).
 
-    A mask cached by the caller (salun_mask() on this model) may come in as ctx.extras["salun_mask"]."""
-    if len(forget) == 0:
-        return model
-    mask = ctx.extras.get("salun_mask")
-    if mask is None:
-        mask = salun_mask(model, forget, p.threshold, p.batch_size)
+    The mask is the method's preparation (salun_mask() on this model), in ctx.prepared."""
+    mask = ctx.prepared
     names = {n: q for n, q in model.named_parameters() if q.requires_grad}
-    if set(mask) != set(names) or any(tuple(mask[n].shape) != tuple(q.shape) for n, q in names.items()):
-        raise ValueError("ctx.extras['salun_mask'] does not match this model's parameters; compute it with "
+    if mask is None or set(mask) != set(names) or any(tuple(mask[n].shape) != tuple(q.shape)
+                                                      for n, q in names.items()):
+        raise ValueError("the prepared SalUn mask does not match this model's parameters; compute it with "
                          "salun_mask() on the model being unlearned.")
     ctx.stats["mask_fraction"] = float(sum(int(m.sum()) for m in mask.values()) / max(
         sum(m.numel() for m in mask.values()), 1))

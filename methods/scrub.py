@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
-from rumflow.methods.common import ensure_finite
-from rumflow.methods.registry import MethodParams, UnlearnContext, register
+from rumflow.methods.registry import MethodParams, UnlearnContext, epoch_batches, register
 from rumflow.training import check_loss, minibatches, sgd
 
 
@@ -34,14 +33,12 @@ def scrub(model: nn.Module, forget: Split, retain: Split, p: ScrubParams, ctx: U
     """SCRUB: max phase -KL(teacher) on D_f (first msteps epochs), min phase gamma*CE + alpha*KL on D_r.
 
     The teacher is a frozen copy of the starting model; KL is the distillation KL at temperature T."""
-    if len(forget) == 0:
-        return model
     gen = ctx.generator()
     device = retain.x.device
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
-    losses = ctx.stats["loss"] = []
-    max_losses = ctx.stats["max_loss"] = []
+    losses = ctx.stats["loss"]
+    max_losses = ctx.stats.setdefault("max_loss", [])
     max_phases = 0
     for epoch in range(1, p.epochs + 1):
         model.train()
@@ -61,7 +58,7 @@ def scrub(model: nn.Module, forget: Split, retain: Split, p: ScrubParams, ctx: U
             max_phases += 1
         # min phase: stay close to the teacher and correct on D_r
         loss_sum, batches = torch.zeros((), device=device), 0
-        for idx in minibatches(len(retain), p.batch_size, gen, device):
+        for idx in epoch_batches(len(retain), p, gen, device):
             xb, yb = retain.x[idx], retain.y[idx]
             with torch.no_grad():
                 t_logits = teacher(xb)
@@ -74,4 +71,4 @@ def scrub(model: nn.Module, forget: Split, retain: Split, p: ScrubParams, ctx: U
             batches += 1
         losses.append(check_loss(loss_sum, batches, "scrub (min phase)", epoch - 1))
     ctx.stats["max_phases"] = max_phases
-    return ensure_finite(model, "scrub")
+    return model

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rumflow.registry import Registry
+
 
 @dataclass(frozen=True)
 class Proxy:
@@ -18,7 +20,8 @@ class Proxy:
     summary: str = ""
 
 
-PROXIES: dict[str, Proxy] = {p.name: p for p in [
+PROXIES: Registry[Proxy] = Registry("proxy")
+for _p in [
     Proxy("confidence", -1, "learning_events", summary="mean over epochs of p[y] (train forward pass)"),
     Proxy("max_confidence", -1, "learning_events", summary="mean over epochs of max_c p[c]"),
     Proxy("entropy", -1, "learning_events", summary="mean over epochs of sum_c p[c] log p[c] (negative entropy)"),
@@ -27,7 +30,8 @@ PROXIES: dict[str, Proxy] = {p.name: p for p in [
           summary="symmetric KL between the model and a copy fine-tuned on a held-out split"),
     Proxy("memorization", +1, "memorization", mid_target="half",
           summary="Feldman & Zhang subsampling estimate of true memorization"),
-]}
+]:
+    PROXIES.add(_p.name, _p)
 
 
 def memorization_of(name: str, scores: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from rumflow.data import DATASETS
 from rumflow.errors import ConfigError
@@ -31,7 +32,7 @@ class DataConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in DATASETS:
-            raise ValueError(f"unknown data set '{v}'; choose one of: {', '.join(sorted(DATASETS))}")
+            raise ValueError(DATASETS.unknown(v))
         return v
 
     @model_validator(mode="after")
@@ -54,7 +55,7 @@ class ModelConfig(Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in MODELS:
-            raise ValueError(f"unknown model '{v}'; choose one of: {', '.join(sorted(MODELS))}")
+            raise ValueError(MODELS.unknown(v))
         return v
 
 
@@ -97,7 +98,7 @@ class MethodSpec(Strict):
     """A method name plus its hyperparameters, validated against the method's own model."""
 
     method: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: SerializeAsAny[BaseModel] = Field(description="the method's typed hyperparameters")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,24 +119,23 @@ class MethodSpec(Strict):
             validated = validate_params(method, params)
         except ConfigError as exc:
             raise ValueError(str(exc).rstrip(".")) from None
-        return {"method": method, "params": validated.model_dump()}
+        return {"method": method, "params": validated}
 
 
-# The default experiment runs on digits, where RUM's CIFAR hyperparameters barely move the model (a few
-# steps per epoch on ~1,200 examples): these are the digits settings of configs/digits-methods.yaml.
-DIGITS_FINETUNE = {"method": "finetune", "lr": 0.1, "epochs": 10, "batch_size": 64}
-DIGITS_NEGGRAD_PLUS = {"method": "neggrad_plus", "alpha": 0.95, "lr": 0.03, "epochs": 5, "batch_size": 64}
-# RUM's high tier is only per_tier examples, cycled against every retain batch: at lr 0.03 it over-forgets
-# (ToW 0.72 vs 0.90 at lr 0.01 on digits); a lower lr for the high tier is also seed 002's Appendix C choice.
-DIGITS_NEGGRAD_PLUS_HIGH = {**DIGITS_NEGGRAD_PLUS, "lr": 0.01}
+def _digits(entry: str) -> dict[str, Any]:
+    """The default experiment's method for `entry` (mid | high | vanilla): methods/digits.yaml, where the
+    digits settings live (RUM's CIFAR hyperparameters barely move a model on digits)."""
+    from rumflow.methods.registry import dataset_settings
+
+    return dict(dataset_settings("digits")["experiment"][entry])
 
 
 class RumConfig(Strict):
     low: MethodSpec = Field(default_factory=lambda: MethodSpec(method="none"),
                             description="method for the least memorized tier (unlearned first)")
-    mid: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(DIGITS_FINETUNE),
+    mid: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(_digits("mid")),
                             description="method for the middle tier")
-    high: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(DIGITS_NEGGRAD_PLUS_HIGH),
+    high: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(_digits("high")),
                              description="method for the most memorized tier (unlearned last)")
 
 
@@ -174,7 +174,7 @@ class ExperimentConfig(Strict):
     memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
     rum: RumConfig = Field(default_factory=RumConfig)
-    vanilla: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(DIGITS_NEGGRAD_PLUS),
+    vanilla: MethodSpec = Field(default_factory=lambda: MethodSpec.model_validate(_digits("vanilla")),
                                 description="the one method applied to the union of the tiers")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
@@ -188,7 +188,7 @@ class ExperimentConfig(Strict):
 
         for name in v:
             if name not in PROXIES:
-                raise ValueError(f"unknown proxy '{name}'; choose from: {', '.join(PROXIES)}")
+                raise ValueError(PROXIES.unknown(name))
         if len(set(v)) != len(v):
             raise ValueError("a proxy is listed twice; list each once")
         return v

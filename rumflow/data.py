@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rumflow.errors import ConfigError
+from rumflow.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,12 @@ class Dataset:
 
 
 Loader = Callable[..., Dataset]
-DATASETS: dict[str, Loader] = {}
+DATASETS: Registry[Loader] = Registry("data set")
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
     """Register a loader `f(root, split_seed, download) -> Dataset` under `name`."""
-
-    def wrap(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+    return DATASETS.register(name)
 
 
 def balanced_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,9 +128,7 @@ def load_digits_dataset(root: str | None = None, split_seed: int = 0, download: 
 @lru_cache(maxsize=4)
 def load_dataset(name: str, root: str | None = None, split_seed: int = 0, download: bool = False) -> Dataset:
     """Load (once per process) the data set `name`; see DATASETS for the choices."""
-    if name not in DATASETS:
-        raise ConfigError(f"unknown data set '{name}'; choose one of: {', '.join(sorted(DATASETS))}.")
-    return DATASETS[name](root=root, split_seed=split_seed, download=download)
+    return DATASETS.get(name)(root=root, split_seed=split_seed, download=download)
 
 
 # The torchvision-format readers (cifar10, cifar100, mnist) register themselves on import.

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rumflow.errors import ConfigError
+from rumflow.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,12 @@ class Normalize(nn.Module):
 
 
 Builder = Callable[[int, int], nn.Module]
-MODELS: dict[str, Builder] = {}
+MODELS: Registry[Builder] = Registry("model")
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
     """Register `f(num_classes, in_channels) -> nn.Module` under `name`."""
-
-    def wrap(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        return fn
-
-    return wrap
+    return MODELS.register(name)
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -111,10 +107,9 @@ INIT_LOCK = threading.Lock()
 
 def create_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
     """Build `spec` with a seeded initialisation (the global RNG is left untouched; thread-safe)."""
-    if spec.name not in MODELS:
-        raise ConfigError(f"unknown model '{spec.name}'; choose one of: {', '.join(sorted(MODELS))}.")
+    builder = MODELS.get(spec.name)
     with INIT_LOCK, torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        body = MODELS[spec.name](spec.num_classes, spec.in_channels)
+        body = builder(spec.num_classes, spec.in_channels)
     return nn.Sequential(Normalize(spec.mean, spec.std), body)

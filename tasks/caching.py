@@ -13,7 +13,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 # cache (the CLI, the flows, reports and plots do not, so editing them keeps every result).
 _CODE_GLOBS = ["rumflow/config.py", "rumflow/data.py", "rumflow/readers.py", "rumflow/models.py",
                "rumflow/training.py", "rumflow/planning.py", "rumflow/evaluation.py", "rumflow/metrics.py",
-               "rumflow/runtime.py", "methods/*.py", "proxies/*.py", "tasks/*.py", "artifacts/checkpoints.py",
+               "rumflow/runtime.py", "rumflow/registry.py", "methods/*.py", "methods/*.yaml", "proxies/*.py", "tasks/*.py", "artifacts/checkpoints.py",
                "artifacts/tables.py"]
 
 

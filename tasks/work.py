@@ -135,21 +135,25 @@ def proxy_task(proxy: str, trained: Trained, ckpt: CheckpointRef, data: DataConf
     return compute(proxy, trained, ckpt, data, model, holdout, seed, device, workdir)
 
 
-@cached_task("salun-mask", run_name="salun-mask")
-def salun_mask_task(parent: CheckpointRef, forget: list[int], spec: MethodSpec, data: DataConfig,
-                    model: ModelConfig, device: str, workdir: str) -> Unlearned:
-    """SalUn's saliency mask of the parent model on the forget set (no optimizer step), stored like weights."""
-    from rumflow.methods.relabel import salun_mask
+@cached_task("prepare", run_name="prepare-{spec.method}")
+def prepare_task(parent: CheckpointRef, forget: list[int], exclude: list[int] | None, spec: MethodSpec,
+                 seed: int | None, data: DataConfig, model: ModelConfig, train: TrainConfig, device: str,
+                 workdir: str) -> Unlearned:
+    """A method's preparation (masks, importances, teachers) on the parent model, stored like weights.
+
+    The caller passes only what the preparation depends on (`exclude` and `seed` are None otherwise)."""
+    from rumflow.methods.registry import prepare_method
 
     ds = dataset_on(data, device)
     net = model_from_state(model, ds, CheckpointStore.load_state(parent))
+    retain = ds.train.drop(exclude) if exclude is not None else ds.train.take([])
+    ctx = UnlearnContext(seed=seed or 0, recipe=recipe(train), fresh_model=lambda: fresh_model(model, ds, seed or 0),
+                         augment=augments(train, ds), val=ds.val)
+    sync(resolve_device(device))
     start = time.perf_counter()
-    mask = salun_mask(net, ds.train.take(forget), spec.params["threshold"], spec.params["batch_size"])
-    return Unlearned(ckpt=_store(workdir).save(mask), seconds=time.perf_counter() - start)
-
-
-# Work some methods need before they run, cached as its own task: method -> (ctx.extras key, task).
-PREPARATIONS = {"salun": ("salun_mask", salun_mask_task)}
+    state = prepare_method(spec.method, spec.params, net, ds.train.take(forget), retain, ctx)
+    sync(resolve_device(device))
+    return Unlearned(ckpt=_store(workdir).save(state), seconds=time.perf_counter() - start)
 
 
 @cached_task("memorization", run_name="memorization-R{memorization.models}")
@@ -171,14 +175,14 @@ def memorization_task(data: DataConfig, model: ModelConfig, train: TrainConfig, 
 @cached_task("unlearn", run_name="unlearn-{spec.method}")
 def unlearn_task(parent: CheckpointRef, forget: list[int], exclude: list[int], spec: MethodSpec, seed: int,
                  data: DataConfig, model: ModelConfig, train: TrainConfig, device: str, workdir: str,
-                 extras: dict[str, CheckpointRef] | None = None) -> Unlearned:
+                 prepared: CheckpointRef | None = None) -> Unlearned:
     """Apply one method to the parent checkpoint: forget `forget`, retain D_train minus `exclude`."""
     ds = dataset_on(data, device)
     net = model_from_state(model, ds, CheckpointStore.load_state(parent))
-    loaded = {key: {k: v.to(ds.train.x.device) for k, v in CheckpointStore.load_state(ref).items()}
-              for key, ref in (extras or {}).items()}
+    state = None if prepared is None else {k: v.to(ds.train.x.device)
+                                           for k, v in CheckpointStore.load_state(prepared).items()}
     ctx = UnlearnContext(seed=seed, recipe=recipe(train), fresh_model=lambda: fresh_model(model, ds, seed),
-                         augment=augments(train, ds), extras=loaded)
+                         augment=augments(train, ds), prepared=state, val=ds.val)
     sync(resolve_device(device))
     start = time.perf_counter()
     net = run_method(spec.method, spec.params, net, ds.train.take(forget), ds.train.drop(exclude), ctx)

@@ -11,10 +11,10 @@ from rumflow.errors import ConfigError
 
 def test_defaults_and_round_trip(tmp_path):
     cfg = load_config()
-    from rumflow.config import DIGITS_NEGGRAD_PLUS
+    from rumflow.methods.registry import dataset_settings
 
-    assert cfg.rum.high.method == "neggrad_plus" and cfg.rum.high.params["alpha"] == DIGITS_NEGGRAD_PLUS["alpha"]
-    assert cfg.rum.high.params["momentum"] == 0.9  # unspecified hyperparameters keep the method's defaults
+    assert cfg.rum.high.method == "neggrad_plus" and cfg.rum.high.params.alpha == dataset_settings("digits")["experiment"]["high"]["alpha"]
+    assert cfg.rum.high.params.momentum == 0.9  # unspecified hyperparameters keep the method's defaults
     assert cfg.proxies == ["confidence", "max_confidence", "entropy", "binary_accuracy", "holdout_retraining"]
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(cfg))
@@ -32,8 +32,8 @@ def test_overrides_and_appendix_c_style_tiers(tmp_path):
         "high": {"method": "neggrad_plus", "alpha": 0.97, "lr": 0.001, "epochs": 10}}}))
     cfg = load_config(path, ["forget.steps=3", "rum.high.epochs=7"])
     assert cfg.forget.steps == 3
-    assert cfg.rum.high.params["epochs"] == 7 and cfg.rum.high.params["lr"] == 0.001
-    assert cfg.rum.mid.params["alpha"] == 0.97
+    assert cfg.rum.high.params.epochs == 7 and cfg.rum.high.params.lr == 0.001
+    assert cfg.rum.mid.params.alpha == 0.97
     switched = load_config(path, ["rum.high.method=finetune"])  # the old alpha must not leak into finetune
     assert switched.rum.high.method == "finetune" and "alpha" not in switched.rum.high.params
 

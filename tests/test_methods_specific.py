@@ -44,10 +44,10 @@ def fresh(setup) -> torch.nn.Module:
     return model
 
 
-def context(setup, seed: int = 0, **extras) -> UnlearnContext:
+def context(setup, seed: int = 0, prepared: dict | None = None) -> UnlearnContext:
     spec = setup[1]
     return UnlearnContext(seed=seed, recipe=Recipe(1, 0.1, 64), fresh_model=lambda: create_model(spec, seed),
-                          extras=dict(extras))
+                          prepared=prepared)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -128,17 +128,17 @@ def test_salun_with_full_mask_is_random_label(tiny):
     assert same(a.state_dict(), b.state_dict())
 
 
-def test_salun_uses_a_cached_mask_from_the_context(tiny):
+def test_salun_uses_a_prepared_mask_from_the_context(tiny):
     model = fresh(tiny)
     start = {n: q.detach().clone() for n, q in model.named_parameters()}
     head = {n: torch.full_like(q, n.startswith("1.12."), dtype=torch.bool) for n, q in model.named_parameters()}
     out = run_method("salun", {"epochs": 1, "batch_size": 64}, model, tiny[2], tiny[3],
-                     context(tiny, salun_mask=head))
+                     context(tiny, prepared=head))
     for n, q in out.named_parameters():
         assert torch.equal(q.detach(), start[n]) != n.startswith("1.12."), n
     with pytest.raises(ValueError, match="salun_mask"):
         run_method("salun", {"epochs": 1}, fresh(tiny), tiny[2], tiny[3],
-                   context(tiny, salun_mask={"1.12.weight": head["1.12.weight"]}))
+                   context(tiny, prepared={"1.12.weight": head["1.12.weight"]}))
 
 
 # ------------------------------------------------------------------ random labels
