@@ -37,18 +37,49 @@ class Normalize(nn.Module):
 
 Builder = Callable[[int, int], nn.Module]
 MODELS: Registry[Builder] = Registry("model")
+# The ordered blocks of each model's body, input to output with the head last (for "the last k layers").
+BlockFn = Callable[[nn.Module], list[tuple[str, nn.Module]]]
+BLOCKS: dict[str, BlockFn] = {}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Register `f(num_classes, in_channels) -> nn.Module` under `name`."""
+def register_model(name: str, blocks: BlockFn | None = None) -> Callable[[Builder], Builder]:
+    """Register `f(num_classes, in_channels) -> nn.Module` under `name`; `blocks(body)` lists its blocks."""
+    if blocks is not None:
+        BLOCKS[name] = blocks
     return MODELS.register(name)
+
+
+def _group(body: nn.Module, spans: list[tuple[str, int, int]]) -> list[tuple[str, nn.Module]]:
+    """Blocks of a flat Sequential as views (a Sequential over the same modules, so no weights are copied)."""
+    mods = list(body.children())
+    return [(name, nn.Sequential(*mods[a:b])) for name, a, b in spans]
+
+
+def _small_cnn_blocks(body: nn.Module) -> list[tuple[str, nn.Module]]:
+    """block1..block3 (conv-BN-ReLU, the pool with block2), head (pool, flatten, linear)."""
+    return _group(body, [("block1", 0, 3), ("block2", 3, 7), ("block3", 7, 10), ("head", 10, 13)])
+
+
+def _resnet18_blocks(body: nn.Module) -> list[tuple[str, nn.Module]]:
+    """stem (conv1, bn1), layer1..layer4, fc."""
+    stem = nn.Sequential(body.conv1, body.bn1)
+    return [("stem", stem)] + [(f"layer{i}", getattr(body, f"layer{i}")) for i in range(1, 5)] + [("fc", body.fc)]
+
+
+def _vgg16_bn_blocks(body: nn.Module) -> list[tuple[str, nn.Module]]:
+    """block1..block5 (the conv-BN-ReLU stages, each ending with its max pool), head (pool and MLP)."""
+    mods = list(body.children())
+    pools = [i for i, m in enumerate(mods) if isinstance(m, nn.MaxPool2d)]
+    starts = [0] + [i + 1 for i in pools[:-1]]
+    spans = [(f"block{k + 1}", a, b + 1) for k, (a, b) in enumerate(zip(starts, pools))]
+    return _group(body, spans + [("head", pools[-1] + 1, len(mods))])
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@register_model("small_cnn")
+@register_model("small_cnn", blocks=_small_cnn_blocks)
 def small_cnn(num_classes: int, in_channels: int) -> nn.Module:
     """Three conv-BN-ReLU blocks, global average pool, linear head (for 8x8 digits and 28x28 MNIST)."""
     return nn.Sequential(
@@ -57,7 +88,7 @@ def small_cnn(num_classes: int, in_channels: int) -> nn.Module:
     )
 
 
-@register_model("resnet18")
+@register_model("resnet18", blocks=_resnet18_blocks)
 def resnet18(num_classes: int, in_channels: int) -> nn.Module:
     """torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 conv1, no max pool)."""
     from torchvision.models import resnet18 as tv_resnet18
@@ -71,7 +102,7 @@ def resnet18(num_classes: int, in_channels: int) -> nn.Module:
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
-@register_model("vgg16_bn")
+@register_model("vgg16_bn", blocks=_vgg16_bn_blocks)
 def vgg16_bn(num_classes: int, in_channels: int) -> nn.Module:
     """VGG-16 with batch norm, adaptive pool to 2x2, head 2048-256-256-C."""
     layers: list[nn.Module] = []
@@ -112,4 +143,21 @@ def create_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
         if seed is not None:
             torch.manual_seed(seed)
         body = builder(spec.num_classes, spec.in_channels)
-    return nn.Sequential(Normalize(spec.mean, spec.std), body)
+    net = nn.Sequential(Normalize(spec.mean, spec.std), body)
+    net.arch = spec.name  # which block list applies (a plain attribute: not in the state dict, kept by deepcopy)
+    return net
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ordered blocks of a model built by `create_model`, input to output, the head last.
+
+    Names are stable (small_cnn: block1..block3, head; resnet18: stem, layer1..layer4, fc; vgg16_bn:
+    block1..block5, head), so a config can name blocks or count the last k. Normalize is in no block."""
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ConfigError("this model has no registered architecture name; build it with "
+                          "rumflow.models.create_model so its blocks are known.")
+    if arch not in BLOCKS:
+        raise ConfigError(f"model {arch} has no block list, so 'the last k blocks' means nothing for it; "
+                          f"register it with @register_model({arch!r}, blocks=fn).")
+    return BLOCKS[arch](model[1])

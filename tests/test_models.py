@@ -125,3 +125,74 @@ def test_vgg16_bn_refuses_small_images_with_one_sentence():
         check_input_size("vgg16_bn", 28)
     check_input_size("vgg16_bn", 32)
     check_input_size("small_cnn", 8)
+
+
+# --- ordered blocks (for "the last k blocks": cf_k, eu_k, selective_finetune) --------------------------
+BLOCK_NAMES = {
+    "small_cnn": ["block1", "block2", "block3", "head"],
+    "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4", "fc"],
+    "vgg16_bn": ["block1", "block2", "block3", "block4", "block5", "head"],
+}
+
+
+def test_every_registered_model_has_stable_block_names():
+    from rumflow.models import BLOCKS, blocks
+
+    assert set(BLOCKS) == set(MODELS)
+    for name, expected in BLOCK_NAMES.items():
+        channels = 1 if name == "small_cnn" else 3
+        assert [n for n, _ in blocks(create_model(_spec(name, channels), seed=0))] == expected
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_NAMES))
+def test_blocks_partition_the_weights_in_forward_order_with_the_head_last(name):
+    from rumflow.models import blocks
+
+    channels, size = (1, 8) if name == "small_cnn" else (3, 32)
+    model = create_model(_spec(name, channels, classes=7), seed=0)
+    listed = blocks(model)
+    # every parameter and buffer of the body is in exactly one block (Normalize in none)
+    owner: dict[int, str] = {}
+    for block_name, block in listed:
+        for t in list(block.parameters()) + list(block.buffers()):
+            assert id(t) not in owner, f"{name}: a tensor is in {owner[id(t)]} and {block_name}"
+            owner[id(t)] = block_name
+    body = model[1]
+    assert set(owner) == {id(t) for t in list(body.parameters()) + list(body.buffers())}
+    assert not any(id(t) in owner for t in model[0].buffers())
+    # the blocks run in the listed order: the first call of each block's first weighted module
+    order: list[str] = []
+    hooks = []
+    for block_name, block in listed:
+        first = next(m for m in block.modules() if list(m.parameters(recurse=False)))
+        hooks.append(first.register_forward_hook(
+            lambda *_, n=block_name: order.append(n) if n not in order else None))
+    with torch.no_grad():
+        model.eval()(torch.rand(2, channels, size, size))
+    for h in hooks:
+        h.remove()
+    assert order == [n for n, _ in listed]
+    # the head holds the output layer
+    last = [m for m in listed[-1][1].modules() if isinstance(m, nn.Linear)][-1]
+    assert last.out_features == 7 and last is [m for m in body.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def test_blocks_are_views_of_the_model_not_copies():
+    from rumflow.models import blocks
+
+    model = create_model(_spec("small_cnn", 1), seed=0)
+    head = dict(blocks(model))["head"]
+    with torch.no_grad():
+        next(head.parameters()).add_(1.0)
+    assert torch.equal(next(head.parameters()), model[1][-1].weight)
+
+
+def test_model_without_block_list_gets_one_sentence():
+    from rumflow.models import blocks
+
+    model = create_model(_spec("small_cnn", 1), seed=0)
+    model.arch = "tiny_mlp"
+    with pytest.raises(ConfigError, match=r"model tiny_mlp has no block list.*register_model\('tiny_mlp', blocks=fn\)"):
+        blocks(model)
+    with pytest.raises(ConfigError, match="build it with rumflow.models.create_model"):
+        blocks(nn.Sequential(nn.Linear(2, 2)))
