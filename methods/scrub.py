@@ -10,6 +10,7 @@ from torch import nn
 
 from rumflow.data import Split
 from rumflow.methods.registry import MethodParams, UnlearnContext, epoch_batches, register
+from rumflow.methods.teachers import distill_kl, frozen_copy
 from rumflow.training import check_loss, minibatches, sgd
 
 
@@ -20,12 +21,6 @@ class ScrubParams(MethodParams):
     gamma: float = Field(0.99, ge=0, le=1, description="min phase: weight of CE on the retain set")
     alpha: float = Field(0.001, ge=0, le=1, description="min phase: weight of the distillation KL on the retain set")
     temperature: float = Field(4.0, gt=0, description="distillation temperature T")
-
-
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    """KL(teacher_T || student_T), batch mean, times T^2 (Hinton et al.'s distillation loss)."""
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean") * t * t
 
 
 @register("scrub", ScrubParams)
