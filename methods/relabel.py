@@ -2,14 +2,17 @@
 (Fan et al. 2024: the same, restricted to the weights most salient for the forget loss)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from rumflow.data import Split
 from rumflow.methods.common import mixed_batches, num_classes
-from rumflow.methods.registry import MethodParams, Preparation, UnlearnContext, register, retain_sample
+from rumflow.methods.registry import (MethodParams, Preparation, UnlearnContext, register, register_preset,
+                                      retain_sample)
 from rumflow.training import check_loss, minibatches, sgd
 
 
@@ -17,6 +20,16 @@ def random_labels(y: torch.Tensor, classes: int, gen: torch.Generator) -> torch.
     """For each label, a class drawn uniformly from the other `classes - 1` (never the true one)."""
     shift = torch.randint(1, classes, y.shape, generator=gen).to(y.device)
     return (y + shift) % classes
+
+
+def epoch_labels(y: torch.Tensor, classes: int, mode: str, exclude_true: bool, gen: torch.Generator) -> torch.Tensor:
+    """One epoch's forget labels: redrawn (wrong ones only, or any class), or the true ones to be permuted
+    within each mini-batch."""
+    if mode == "permute_in_batch":
+        return y
+    if exclude_true:
+        return random_labels(y, classes, gen)
+    return torch.randint(0, classes, y.shape, generator=gen).to(y.device)
 
 
 @torch.no_grad()
@@ -56,6 +69,21 @@ def salun_mask(model: nn.Module, forget: Split, threshold: float, batch_size: in
 class RandomLabelParams(MethodParams):
     lr: float = Field(0.1, gt=0, description="learning rate (constant)")
     epochs: int = Field(10, ge=0, description="passes over D_f (relabelled each epoch) together with D_r")
+    label_mode: Literal["redraw", "permute_in_batch"] = Field(
+        "redraw", description="redraw: a class drawn per forget example each epoch (SPEC); permute_in_batch: "
+        "the forget labels of each mini-batch shuffled among themselves (seed 004's RLFTrainer)")
+    exclude_true_label: bool = Field(True, description="redraw only: draw from the C-1 wrong classes (never the "
+                                     "true label); False draws from all C classes")
+    mix_retain: bool = Field(True, description="batches mix D_f with D_r (SPEC); False trains on D_f alone "
+                             "(seed 004's forget phase)")
+
+    @model_validator(mode="after")
+    def _permute_keeps_labels(self) -> "RandomLabelParams":
+        """A permutation can hand an example its own label: refuse the contradictory combination."""
+        if self.label_mode == "permute_in_batch" and self.exclude_true_label:
+            raise ValueError("label_mode permute_in_batch cannot exclude the true label; set "
+                             "exclude_true_label: false")
+        return self
 
 
 class SalunParams(MethodParams):
@@ -71,6 +99,10 @@ def _relabel_unlearn(model: nn.Module, forget: Split, retain: Split, p: MethodPa
     gen = ctx.generator()
     device = retain.x.device
     classes = num_classes(model, forget.x)
+    # SalUn's params have none of these options: SPEC's behaviour
+    mode = getattr(p, "label_mode", "redraw")
+    exclude = getattr(p, "exclude_true_label", True)
+    mix = getattr(p, "mix_retain", True)
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)
     # (parameter, mask, frozen copy of its starting value) for every parameter the mask restricts
     restricted = []
@@ -82,14 +114,22 @@ def _relabel_unlearn(model: nn.Module, forget: Split, retain: Split, p: MethodPa
     losses = ctx.stats["loss"]
     for epoch in range(p.epochs):
         model.train()
-        fake = random_labels(forget.y, classes, gen)
-        sample = retain_sample(len(retain), p, gen)
-        pool = torch.arange(len(retain), device=device) if sample is None else sample.to(device)
+        fake = epoch_labels(forget.y, classes, mode, exclude, gen)
+        if mix:
+            sample = retain_sample(len(retain), p, gen)
+            pool = torch.arange(len(retain), device=device) if sample is None else sample.to(device)
+            pairs = mixed_batches(len(forget), len(pool), p.batch_size, gen, device)
+        else:
+            pool = torch.zeros(0, dtype=torch.long, device=device)
+            pairs = ((idx, pool) for idx in minibatches(len(forget), p.batch_size, gen, device))
         loss_sum, batches = torch.zeros((), device=device), 0
-        for fidx, ridx in mixed_batches(len(forget), len(pool), p.batch_size, gen, device):
+        for fidx, ridx in pairs:
             ridx = pool[ridx]
+            yf = fake[fidx]
+            if mode == "permute_in_batch":  # the batch's own forget labels, shuffled among its forget examples
+                yf = yf[torch.randperm(len(fidx), generator=gen).to(device)]
             xb = torch.cat([forget.x[fidx], retain.x[ridx]])
-            yb = torch.cat([fake[fidx], retain.y[ridx]])
+            yb = torch.cat([yf, retain.y[ridx]])
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,6 +154,14 @@ def random_label(model: nn.Module, forget: Split, retain: Split, p: RandomLabelP
                  ctx: UnlearnContext) -> nn.Module:
     """CE on D_f with random wrong labels (redrawn each epoch, over all other classes) mixed with D_r."""
     return _relabel_unlearn(model, forget, retain, p, ctx, None, "random_label")
+
+
+register_preset("amnesiac", "random_label", "seed 003 §2.2; Graves et al. 2021",
+                "Amnesiac unlearning: forget examples relabelled with random wrong classes, trained with D_r",
+                exclude_true_label=True, epochs=3)
+register_preset("random_label_permute", "random_label", "seed 004 RLFTrainer (reproduction only)",
+                "Seed 004's random labels: forget labels permuted within each batch (a sample may keep its own)",
+                label_mode="permute_in_batch", exclude_true_label=False, epochs=20)
 
 
 def _prepare_salun(model: nn.Module, forget: Split, retain: Split, p: SalunParams,

@@ -8,7 +8,7 @@ from torch import nn
 
 from rumflow.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from rumflow.data import Dataset, load_dataset
-from rumflow.models import ModelSpec, create_model
+from rumflow.models import ModelSpec, create_model, restore_activation_masks
 from rumflow.training import Recipe, resolve_device
 
 
@@ -42,6 +42,7 @@ def fresh_model(model: ModelConfig, ds: Dataset, seed: int) -> nn.Module:
 def model_from_state(model: ModelConfig, ds: Dataset, state: dict[str, torch.Tensor]) -> nn.Module:
     """A model of `model`'s architecture holding the given weights, on the data set's device."""
     net = create_model(model_spec(model, ds))
+    restore_activation_masks(net, state)  # activation_pruning's masks: buffers + hooks, before loading them
     net.load_state_dict(state)
     return net.to(ds.train.x.device)
 
