@@ -9,7 +9,7 @@ from torch import nn
 from rumflow.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from rumflow.data import Dataset, load_dataset
 from rumflow.models import ModelSpec, create_model, restore_activation_masks
-from rumflow.training import Recipe, resolve_device
+from rumflow.training import FastPath, Recipe, resolve_device
 
 
 @lru_cache(maxsize=4)
@@ -26,7 +26,8 @@ def model_spec(model: ModelConfig, ds: Dataset) -> ModelSpec:
 
 def recipe(train: TrainConfig) -> Recipe:
     """The optimiser recipe of the original model (and of every retrain reference)."""
-    return Recipe(train.epochs, train.lr, train.batch_size, train.momentum, train.weight_decay)
+    return Recipe(train.epochs, train.lr, train.batch_size, train.momentum, train.weight_decay,
+                  fast=FastPath(train.precision, train.channels_last, train.compile))
 
 
 def augments(train: TrainConfig, ds: Dataset) -> bool:

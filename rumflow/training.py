@@ -1,10 +1,11 @@
 """The one training loop (also used to retrain references) and the batched helpers around it."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import ContextManager, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,59 @@ EXPLODED = 1e3
 
 
 @dataclass(frozen=True)
+class FastPath:
+    """GPU fast-path switches; 'auto' turns each on for CUDA and off elsewhere, so CPU runs stay fp32/NCHW
+    and bit-identical to a loop without them."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
+    compile: bool = False  # torch.compile the training forward/backward (one compile per training run)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 when asked, or on 'auto' for a CUDA device that supports it; None means plain fp32."""
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+
+    def use_channels_last(self, device: torch.device) -> bool:
+        """NHWC tensors for the convolutions (what tensor cores want); 'auto' means CUDA only."""
+        return device.type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
+
+
+FP32 = FastPath(precision="fp32", channels_last=False, compile=False)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """Autocast to `dtype` on `device`, or nothing at all (not a disabled autocast) for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """Hold `model`'s weights channels-last inside the block and give them back contiguous after, so the
+    model (and every checkpoint of it) leaves in the layout it came in."""
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def as_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch in the memory format the model expects (4-D images only)."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """Optimiser settings of one SGD training run."""
+    """Optimiser settings of one SGD training run (and the fast-path switches it runs under)."""
 
     epochs: int
     lr: float
@@ -30,6 +82,7 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     cosine: bool = True
+    fast: FastPath = field(default_factory=FastPath)
 
 
 @dataclass
@@ -114,8 +167,20 @@ def train_model(model: nn.Module, split: Split, recipe: Recipe, seed: int, augme
     """Train `model` in place with SGD + momentum + weight decay (+ cosine), optionally recording
     the learning-event proxies of every example from the training forward pass."""
     device = split.x.device
+    dtype, channels_last = recipe.fast.autocast_dtype(device), recipe.fast.use_channels_last(device)
+    with memory_format(model, channels_last):
+        return _train(model, split, recipe, seed, augment, record_events, dtype, channels_last)
+
+
+def _train(model: nn.Module, split: Split, recipe: Recipe, seed: int, augment: bool, record_events: bool,
+           dtype: torch.dtype | None, channels_last: bool) -> TrainResult:
+    """The loop of `train_model`, with the fast-path choices already resolved."""
+    device = split.x.device
     gen = torch.Generator().manual_seed(seed)
+    # The optimizer is built after the layout change, so its state follows the weights' format.
     opt = sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay)
+    # The compiled module shares the parameters, so training it trains `model` in place.
+    forward = torch.compile(model, dynamic=False) if recipe.fast.compile else model
     n = len(split)
     total = recipe.epochs * batches_per_epoch(n, recipe.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -131,8 +196,9 @@ def train_model(model: nn.Module, split: Split, recipe: Recipe, seed: int, augme
             xb, yb = split.x[idx], split.y[idx]
             if augment:
                 xb = augment_batch(xb, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            with autocast(device, dtype):
+                logits = forward(as_input(xb, channels_last))
+                loss = F.cross_entropy(logits, yb)  # autocast computes the loss in fp32
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -141,7 +207,7 @@ def train_model(model: nn.Module, split: Split, recipe: Recipe, seed: int, augme
             batches += 1
             if events is not None:
                 t0 = time.perf_counter()
-                events.index_add_(0, idx, learning_event_stats(logits.detach(), yb))
+                events.index_add_(0, idx, learning_event_stats(logits.detach().float(), yb))
                 events_seconds += time.perf_counter() - t0
         mean_loss = check_loss(loss_sum, batches, "training", epoch)
     sync(device)
@@ -151,13 +217,17 @@ def train_model(model: nn.Module, split: Split, recipe: Recipe, seed: int, augme
     return TrainResult(seconds=seconds, events=events, mean_loss=mean_loss, events_seconds=events_seconds)
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """Eval-mode logits for `x`, in batches."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048, fast: FastPath = FP32) -> torch.Tensor:
+    """Eval-mode fp32 logits for `x`, in batches. By default plain fp32 everywhere, because the metrics
+    and the attack read these logits; pass `fast` (e.g. FastPath()) for bf16/channels-last inference."""
     model.eval()
     if len(x) == 0:
         return torch.zeros(0, device=x.device)
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    dtype, channels_last = fast.autocast_dtype(x.device), fast.use_channels_last(x.device)
+    # The layout change happens outside inference mode: weights rewritten inside it could not train again.
+    with memory_format(model, channels_last), torch.inference_mode(), autocast(x.device, dtype):
+        out = [model(as_input(x[i:i + batch_size], channels_last)) for i in range(0, len(x), batch_size)]
+        return torch.cat(out).float()
 
 
 def accuracy(model: nn.Module, split: Split) -> float:
