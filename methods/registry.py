@@ -220,13 +220,14 @@ def run_method(name: str, params: dict[str, Any] | BaseModel, model: nn.Module, 
     The envelope: an empty forget set returns the model unchanged (for methods that need one);
     the preparation runs here unless the caller passed its cached result in `ctx.prepared` (its
     seconds land in ctx.stats['prepare_seconds']); every gradient-enabled forward pass of the model
-    counts its batch in ctx.stats['examples']; a result with non-finite weights raises DivergenceError."""
+    counts its batch in ctx.stats['examples']; a result with non-finite weights raises DivergenceError;
+    the model comes back in eval mode."""
     method = get_method(name)
     p = validate_params(name, params)
     ctx.stats.setdefault("loss", [])
     ctx.stats.setdefault("examples", 0)
     if method.needs_forget and len(forget) == 0:
-        return model
+        return model.eval()
     if method.prepare is not None and ctx.prepared is None:
         start = time.perf_counter()
         ctx.prepared = prepare_method(name, p, model, forget, retain, ctx)
@@ -240,7 +241,7 @@ def run_method(name: str, params: dict[str, Any] | BaseModel, model: nn.Module, 
         for key, fn in list(m._forward_pre_hooks.items()):
             if getattr(fn, "__qualname__", "").startswith("_count_examples"):
                 del m._forward_pre_hooks[key]
-    return ensure_finite(out, name)
+    return ensure_finite(out, name).eval()  # the returned model is always in eval mode (documented)
 
 
 def describe_methods() -> str:
