@@ -149,6 +149,16 @@ class RumConfig(Strict):
 class ForgettingQualityConfig(Strict):
     models: int = Field(0, ge=0, description="N unlearned and N retrained models with different seeds, per "
                         "proxy and strategy at step 1 of the first seed (0 = off; 16 is affordable on digits)")
+    scalar: Literal["ce_argmax", "ce_true_label", "logit_true"] = Field(
+        "ce_argmax", description="the per-model output the attacks separate: ce_argmax = -log max softmax "
+        "(the public scoring code's, label-free), ce_true_label = -log p_y, logit_true = log p_y - log(1 - p_y)")
+    attacks: tuple[Literal["threshold", "threshold_mirrored", "logistic"], ...] = Field(
+        ("threshold",), min_length=1, description="threshold = the public code's (every observed value as a "
+        "threshold), threshold_mirrored = also the opposite direction, logistic = the public 3-fold "
+        "logistic-regression attack")
+    delta: float = Field(0.01, gt=0, lt=1, description="delta of the (eps, delta) estimate")
+    bin_width: float = Field(0.5, gt=0, description="width of the eps bins")
+    n_bins: int = Field(13, ge=1, description="number of eps bins (the last takes every larger eps and inf)")
 
     @field_validator("models")
     @classmethod
@@ -162,6 +172,8 @@ class EvaluateConfig(Strict):
     forgetting_quality: ForgettingQualityConfig = Field(default_factory=ForgettingQualityConfig)
     mia: bool = Field(True, description="run the SVC membership-inference attack (five features)")
     mia_max_shadow: int = Field(10000, ge=10, description="at most this many retain examples as shadow members")
+    loss_mia_max: int = Field(10000, ge=6, description="at most this many forget and as many test examples "
+                              "(seeded subsample) in the loss MIA and the loss JS distance")
 
 
 ALL_PROXIES = ["confidence", "max_confidence", "entropy", "binary_accuracy", "holdout_retraining"]
