@@ -79,3 +79,29 @@ def check_request(n_train: int, steps: int, per_tier: int) -> None:
         raise ConfigError(f"the forget request ({steps} steps x 3 tiers x {per_tier} = {need} examples) does not "
                           f"fit the {n_train} training examples with a retain set left; lower forget.per_tier "
                           "or forget.steps.")
+
+
+def partition_request(request: list[int] | np.ndarray, ids: np.ndarray, memorization: np.ndarray,
+                      cuts: tuple[float, float] = (1 / 3, 2 / 3)) -> dict[str, list[int]]:
+    """Split a given request (example ids) into disjoint low/mid/high tiers by where each example's
+    memorization falls in the pool's distribution: below the pool's `cuts[0]` quantile is low, at or
+    above `cuts[1]` is high, the rest mid. The pool is `ids` (the examples the model still holds, the
+    request included), scored by `memorization` (higher = more memorized). Quantiles of the pool, not of
+    the request, so a request of one highly memorized example still lands in high. An example without
+    a finite score goes to high (the cautious tier)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    mem = np.asarray(memorization, dtype=np.float64)
+    if ids.shape != mem.shape:
+        raise ValueError("ids and memorization scores must have the same length")
+    if not 0.0 <= cuts[0] <= cuts[1] <= 1.0:
+        raise ValueError("tier cuts must be quantiles with 0 <= low cut <= high cut <= 1")
+    req = np.unique(np.asarray(request, dtype=np.int64))
+    order = np.argsort(ids)
+    pos = np.searchsorted(ids[order], req).clip(max=max(len(ids) - 1, 0))
+    if len(ids) == 0 or not np.array_equal(ids[order][pos], req):
+        raise ValueError("some requested ids are not in the scored pool")
+    score = mem[order][pos]
+    finite = mem[np.isfinite(mem)]
+    lo, hi = (np.quantile(finite, cuts) if len(finite) else (np.inf, np.inf))
+    tier = np.where(~np.isfinite(score) | (score >= hi), 2, np.where(score < lo, 0, 1))
+    return {name: req[tier == k].tolist() for k, name in enumerate(TIERS)}
