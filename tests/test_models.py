@@ -16,6 +16,8 @@ CASES = [
     ("resnet18", 1, 28),
     ("resnet18", 3, 32),    # cifar
     ("vgg16_bn", 3, 32),    # cifar
+    ("lenet_bn", 1, 28),    # mnist
+    ("lenet_bn", 1, 8),
 ]
 
 
@@ -132,6 +134,7 @@ BLOCK_NAMES = {
     "small_cnn": ["block1", "block2", "block3", "head"],
     "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4", "fc"],
     "vgg16_bn": ["block1", "block2", "block3", "block4", "block5", "head"],
+    "lenet_bn": ["block1", "block2", "block3", "fc", "head"],
 }
 
 
