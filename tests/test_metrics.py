@@ -354,7 +354,8 @@ def test_f_score_004_hand_computed():
     np.testing.assert_allclose(np.concatenate(_gaussian_attack_004(p_r, p_u))[:, 0], [g_fpr, g_fnr])
     g_eps = max(math.log(0.9 - g_fpr) - math.log(g_fnr), math.log(0.9 - g_fnr) - math.log(g_fpr))
     eps = max(math.log(1.6), g_eps)
-    assert f_score_004(logits_with_p0(p_u), logits_with_p0(p_r)) == pytest.approx(2 / 2 ** (12 / (1 + math.exp(-eps)) + 1))
+    expected = 2 / 2 ** (12 / (1 + math.exp(-eps)) + 1)
+    assert f_score_004(logits_with_p0(p_u), logits_with_p0(p_r)) == pytest.approx(expected)
 
 
 def test_forgetting_quality_config_defaults_and_errors():
