@@ -1,0 +1,256 @@
+"""The service's pure parts and its store: request parsing and every refusal, tiers of a given request,
+gates, and the SQLite ledger (durable requests, one ledger row per request, the lease). No Prefect."""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rumflow.artifacts.ledger import LEDGER_FILE, Ledger
+from rumflow.errors import ConfigError
+from rumflow.planning import partition_request
+from rumflow.service import (GateConfig, apply_gates, derived_figures, forget_p_value, gate_failure, parse_id_file,
+                             parse_id_list, validate_request, validate_service_config)
+
+TRAIN = np.arange(0, 100, 2)  # even ids are training examples
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+def test_id_list_and_file_parse(tmp_path):
+    assert parse_id_list("12,907, 3311") == [12, 907, 3311]
+    path = tmp_path / "ids.txt"
+    path.write_text("12\n\n# a comment\n907  # trailing\n3311\n")
+    assert parse_id_file(path) == [12, 907, 3311]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("12,x,3", "--ids: 'x' is not an integer example id; separate ids with commas"),
+    ("12,-3", "--ids: '-3' is not an integer example id"),
+    ("1.5", "'1.5' is not an integer example id"),
+])
+def test_bad_id_lists_are_refused_with_one_sentence(text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")) as err:
+        parse_id_list(text)
+    assert str(err.value).replace("e.g. ", "").count(". ") == 0 and str(err.value).endswith(".")
+
+
+def test_bad_id_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="ids file '.*nope.txt' does not exist; check the path given to --file"):
+        parse_id_file(tmp_path / "nope.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("4\n8\nabc\n")
+    with pytest.raises(ConfigError, match="line 3: 'abc' is not an integer example id; write one integer id a line"):
+        parse_id_file(bad)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match="is not a text file"):
+        parse_id_file(binary)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def test_a_good_request_is_sorted():
+    assert validate_request([8, 2, 4], TRAIN, {}, {}) == [2, 4, 8]
+
+
+@pytest.mark.parametrize("ids, forgotten, pending, fragment", [
+    ([], {}, {}, "the request names no example ids; give at least one with --ids or --file."),
+    ([2, 4, 2], {}, {}, "the request lists id 2 more than once; list each id once."),
+    ([2, 3], {}, {}, "1 of the ids is not in the training set (3); only training examples can be forgotten"),
+    ([3, 5, 2], {}, {}, "2 of the ids are not in the training set (3, 5)"),
+    ([2, 4], {4: "r1"}, {}, "1 of the ids was already forgotten (4, by request 'r1'); remove them from the request."),
+    ([2, 6], {}, {6: "r7", 2: "r7"}, "2 of the ids are already queued (2, 6, in request 'r7')"),
+    (list(range(0, 96, 2)), {96: "r1"}, {98: "r2"}, "the request would leave 0 training examples to retain"),
+])
+def test_every_refusal_sentence(ids, forgotten, pending, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate_request(ids, TRAIN, forgotten, pending)
+    assert fragment in str(err.value)
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="proxy 'memorization' cannot tier service requests"):
+        validate_service_config({"proxy": "memorization"})
+    with pytest.raises(ConfigError, match="version0.run is not set"):
+        validate_service_config({"version0": {"source": "experiment"}})
+    with pytest.raises(ConfigError, match="needs version0.source: train"):
+        validate_service_config({"proxy": "confidence", "version0": {"source": "experiment", "run": "x"}})
+    with pytest.raises(ConfigError, match="unknown config key 'gates.max_foo'"):
+        validate_service_config({"gates": {"max_foo": 1}})
+    with pytest.raises(ConfigError, match="gates.min_mia needs the attack"):
+        validate_service_config({"gates": {"min_mia": 0.5}, "evaluate": {"mia": False}})
+
+
+# -- tiers of a given request ----------------------------------------------------------------------
+
+def test_partition_request_uses_the_pool_quantiles():
+    ids = np.arange(30)
+    mem = np.arange(30, dtype=float)  # id i has memorization i
+    tiers = partition_request([29], ids, mem)
+    assert tiers == {"low": [], "mid": [], "high": [29]}  # one highly memorized example lands in high
+    tiers = partition_request([0, 5, 12, 15, 25, 28], ids, mem)
+    assert tiers == {"low": [0, 5], "mid": [12, 15], "high": [25, 28]}
+    mem[7] = np.nan
+    assert partition_request([7, 1], ids, mem)["high"] == [7]  # unscored: the cautious tier
+    with pytest.raises(ValueError, match="not in the scored pool"):
+        partition_request([99], ids, mem)
+
+
+def test_partition_request_is_disjoint_and_complete():
+    rng = np.random.default_rng(0)
+    ids = np.sort(rng.choice(10_000, 500, replace=False))
+    mem = rng.normal(size=500)
+    request = rng.choice(ids, 60, replace=False)
+    tiers = partition_request(request, ids, mem)
+    parts = [set(tiers[t]) for t in ("low", "mid", "high")]
+    assert sum(len(p) for p in parts) == 60 and set().union(*parts) == set(request.tolist())
+    by_id = dict(zip(ids.tolist(), mem))
+    assert max(by_id[i] for i in parts[0]) < min(by_id[i] for i in parts[2])
+
+
+# -- gates -----------------------------------------------------------------------------------------
+
+def test_forget_p_value():
+    assert forget_p_value(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    assert forget_p_value(0, 10, 0.9) == pytest.approx(1.0)
+    assert forget_p_value(0, 0, 0.9) == 1.0
+
+
+def _figures(**over):
+    new = {"acc_forget": 0.9, "acc_test": 0.9, "acc_retain": 0.95, "mia": 0.5}
+    prev = {"acc_forget": 1.0, "acc_test": 0.92, "acc_retain": 0.97}
+    new.update(over)
+    return {**new, **derived_figures(new, prev, 20)}
+
+
+def test_gates_pass_and_reject():
+    assert all(v["passed"] for v in apply_gates(_figures(), GateConfig()))
+    assert gate_failure(apply_gates(_figures(), GateConfig())) is None
+    # every forgotten example still correct while test accuracy is 0.7: p = 0.7**20
+    verdicts = apply_gates(_figures(acc_forget=1.0, acc_test=0.7), GateConfig())
+    failed = {v["gate"] for v in verdicts if not v["passed"]}
+    assert failed == {"forget_alpha", "max_test_drop"}
+    sentence = gate_failure(verdicts)
+    assert sentence.startswith("the new version missed forget_alpha (forget_p = ") and "kept but not promoted" in sentence
+    strict = GateConfig(max_forget_gap=-0.05, min_mia=0.6, max_retain_drop=0.0, forget_alpha=None, max_test_drop=None)
+    assert {v["gate"] for v in apply_gates(_figures(), strict) if not v["passed"]} == {
+        "max_forget_gap", "min_mia", "max_retain_drop"}
+    assert [v["gate"] for v in apply_gates(_figures(), GateConfig(forget_alpha=None, max_retain_drop=None,
+                                                                  max_test_drop=None))] == []
+    # an unmeasured figure fails its gate rather than passing silently
+    verdicts = {v["gate"]: v for v in apply_gates(_figures(mia=float("nan")), GateConfig(min_mia=0.1))}
+    assert not verdicts["min_mia"]["passed"] and verdicts["max_test_drop"]["passed"]
+
+
+# -- the ledger ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ledger(tmp_path):
+    led = Ledger.create(tmp_path / LEDGER_FILE, "t", "sha")
+    led.set_version0("a" * 64, "test")
+    yield led
+    led.close()
+
+
+def test_requests_are_durable_and_refusals_change_nothing(ledger, tmp_path):
+    req = ledger.add_request([4, 2], TRAIN, note="ticket 1")
+    assert req["request_id"] == "r1" and req["state"] == "queued" and req["n_examples"] == 2
+    before = sqlite3.connect(tmp_path / LEDGER_FILE).execute("SELECT COUNT(*) FROM request_examples").fetchone()
+    for bad in ([2, 8], [3], []):
+        with pytest.raises(ConfigError):
+            ledger.add_request(bad, TRAIN)
+    with pytest.raises(ConfigError, match="a request with id 'r1' already exists"):
+        ledger.add_request([8], TRAIN, request_id="r1")
+    with pytest.raises(ConfigError, match="request id 'bad id' is not valid"):
+        ledger.add_request([8], TRAIN, request_id="bad id")
+    # another process sees exactly the accepted request
+    code = ("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+            "print(c.execute('SELECT COUNT(*) FROM requests').fetchone()[0], "
+            "c.execute('SELECT COUNT(*) FROM request_examples').fetchone()[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / LEDGER_FILE)], capture_output=True, text=True)
+    assert out.stdout.split() == ["1", str(before[0])] == ["1", "2"]
+    assert ledger.request_ids("r1") == [2, 4]
+
+
+def test_a_step_commits_one_row_per_request_and_promotes_once(ledger):
+    ledger.add_request([2, 4], TRAIN)
+    ledger.add_request([6], TRAIN, request_id="ticket-9")
+    assert ledger.try_lease("me", 60) == {}
+    step = ledger.open_step("all", "me")
+    assert step.request_ids == ["r1", "ticket-9"] and step.example_ids == [2, 4, 6] and step.target == 1
+    assert {r["state"] for r in ledger.requests()} == {"running"}
+    again = ledger.open_step("all", "me")  # a crashed run's step is resumed, not a new one
+    assert again.step == step.step and again.resumed and again.request_ids == step.request_ids
+    with pytest.raises(ConfigError, match="already queued"):
+        ledger.add_request([4], TRAIN)  # running ids are pending too
+    with pytest.raises(RuntimeError, match="lost the service lease"):
+        ledger.commit_step(step, "b" * 64, True, None, {"figures": {}}, "someone-else")
+    version = ledger.commit_step(step, "b" * 64, True, None, {"figures": {"acc_forget": 0.5}, "gates": []}, "me")
+    assert version == 1 and ledger.current() == (1, "b" * 64)
+    with pytest.raises(RuntimeError, match="not running any more"):
+        ledger.commit_step(step, "b" * 64, True, None, {}, "me")
+    rows = ledger.rows()
+    assert [r["request_id"] for r in rows] == ["r1", "ticket-9"]
+    assert all(r["version"] == 1 and r["parent_version"] == 0 and r["figures"]["acc_forget"] == 0.5 for r in rows)
+    assert ledger.forgotten() == [2, 4, 6]
+    assert ledger.open_step("all", "me") is None
+    with pytest.raises(ConfigError, match="already forgotten"):
+        ledger.add_request([6], TRAIN)
+
+
+def test_a_failed_step_keeps_the_version_unpromoted_and_frees_the_ids(ledger):
+    ledger.add_request([2], TRAIN)
+    ledger.add_request([4], TRAIN)
+    ledger.try_lease("me", 60)
+    step = ledger.open_step("one", "me")
+    assert step.request_ids == ["r1"]
+    assert ledger.commit_step(step, "c" * 64, False, "missed a gate", {"gates": []}, "me") == 1
+    assert ledger.current()[0] == 0 and ledger.version(1)["promoted"] == 0
+    assert ledger.request("r1")["state"] == "failed" and ledger.request("r1")["reason"] == "missed a gate"
+    assert ledger.forgotten() == []
+    ledger.add_request([2], TRAIN)  # a failed request's ids may be sent again
+    step = ledger.open_step("one", "me")
+    assert step.request_ids == ["r2"] and step.parent == 0 and step.target == 2
+    with pytest.raises(ConfigError, match="no version 7; versions run from 0 to 1"):
+        ledger.version(7)
+
+
+def test_withdraw_only_a_queued_request(ledger):
+    ledger.add_request([2], TRAIN)
+    ledger.reject("r1", "sent by mistake")
+    assert ledger.request("r1")["state"] == "rejected"
+    with pytest.raises(ConfigError, match="is rejected, not queued"):
+        ledger.reject("r1", "again")
+    ledger.add_request([2], TRAIN)  # the ids are free again
+
+
+def test_lease_excludes_a_live_holder_and_takes_over_a_dead_one(ledger, tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import sys,time; sys.stdin.read()"], stdin=subprocess.PIPE)
+    code = ("import sys; from rumflow.artifacts.ledger import Ledger; "
+            "print(Ledger(sys.argv[1]).try_lease('other', 60) is not None); sys.stdout.flush(); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / LEDGER_FILE)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    assert ledger.try_lease("me", 60) is None  # a live process holds it
+    assert ledger.lease_holder()["pid"] == holder.pid
+    holder.kill()
+    holder.wait()
+    previous = ledger.try_lease("me", 60)  # its holder died: taken over at once
+    assert previous["holder"] == "other" and ledger.holds_lease("me")
+    assert ledger.heartbeat("me") and not ledger.heartbeat("other")
+    ledger.release("me")
+    assert ledger.lease_holder() is None
+    child.kill()
+    child.wait()
+
+
+def test_opening_a_missing_ledger_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="create the service first"):
+        Ledger(tmp_path / LEDGER_FILE)
+    Ledger.create(tmp_path / LEDGER_FILE, "t", "sha").close()
+    with pytest.raises(ConfigError, match="already holds a service"):
+        Ledger.create(tmp_path / LEDGER_FILE, "t", "sha")
