@@ -6,7 +6,7 @@ from rumflow.artifacts.checkpoints import state_digest
 from rumflow.data import load_dataset
 from rumflow.errors import DivergenceError
 from rumflow.models import ModelSpec, create_model
-from rumflow.training import Recipe, augment_batch, minibatches, train_model
+from rumflow.training import Recipe, accuracy, augment_batch, minibatches, train_model
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,11 @@ def test_divergence_stops_training(small):
     split, spec = small
     with pytest.raises(DivergenceError, match="diverged"):
         train_model(create_model(spec, seed=0), split, Recipe(3, 1e6, 32), seed=0)
+
+
+def test_lenet_bn_learns_digits_in_a_few_epochs():
+    # the MNIST model (configs/mnist.yaml) also takes 8x8 digits: its pool brings any size to 3x3
+    ds = load_dataset("digits")
+    model = create_model(ModelSpec("lenet_bn", 10, 1, ds.mean, ds.std), seed=0)
+    train_model(model, ds.train, Recipe(5, 0.1, 64), seed=0)
+    assert accuracy(model, ds.test) > 0.9
