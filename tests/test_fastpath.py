@@ -104,3 +104,20 @@ def test_switches_are_validated_in_the_config():
         load_config(None, ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="train.channels_last"):
         load_config(None, ["train.channels_last=sometimes"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_defaults_train_in_bf16_channels_last_with_data_on_the_device(small):
+    ds, split, spec = small
+    cuda = torch.device("cuda")
+    assert FastPath().autocast_dtype(cuda) is torch.bfloat16 and FastPath().use_channels_last(cuda)
+    on_gpu = split.to(cuda)
+    fast, plain = create_model(spec, seed=5).to(cuda), create_model(spec, seed=5).to(cuda)
+    train_model(fast, on_gpu, Recipe(3, 0.05, 32), seed=0)
+    train_model(plain, on_gpu, Recipe(3, 0.05, 32, fast=FP32), seed=0)
+    assert all(torch.isfinite(p).all() and p.is_contiguous() for p in fast.parameters())
+    test_x = ds.test.x.to(cuda)
+    agree = (predict(fast, test_x).argmax(1) == predict(plain, test_x).argmax(1)).float().mean()
+    assert agree > 0.9
+    logits = predict(fast, test_x, fast=FastPath())
+    assert logits.dtype == torch.float32 and logits.device.type == "cuda"
