@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rumflow.artifacts.tables import write_parquet, write_text
+from rumflow.artifacts.tables import read_parquet, write_parquet, write_text
 from rumflow.artifacts.plots import (plot_accuracy, plot_proxy_histograms, plot_runtime,
                                      plot_tow)
 from rumflow.metrics import add_derived_columns
@@ -39,6 +39,30 @@ def _values(series: pd.Series) -> str:
     return ", ".join(vals) if vals else "–"
 
 
+def is_report_output(rel: str) -> bool:
+    """Whether a run-folder path (relative, posix) is one `build_report` writes (and so may rewrite)."""
+    return rel in ("summary.parquet", "summary.md") or (rel.startswith(f"{FIGURES_DIR}/") and rel.endswith(".png"))
+
+
+def _readable_optional(run_dir: Path, name: str) -> Path | None:
+    """`run_dir/name` if it is there and belongs to the finished run: when the folder has a manifest,
+    a file it does not list (left by a run of another config) is ignored."""
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        try:
+            listed = {e["path"] for e in json.loads(manifest.read_text())["outputs"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return path  # an unreadable manifest is refused before the report by the CLI
+        if name not in listed:
+            return None
+    return path
+
+
 def _strategy_rank(s: str) -> int:
     return STRATEGY_ORDER.index(s) if s in STRATEGY_ORDER else len(STRATEGY_ORDER)
 
@@ -62,10 +86,10 @@ def _proxy_scores(run_dir: Path, proxies: list[str]) -> dict[str, np.ndarray]:
     `proxies.parquet` (long: proxy + score, or wide: one column per proxy) or the flow's
     `examples.parquet` (one column per proxy, step 0 rows). Empty when neither is present."""
     for name in ("proxies.parquet", "examples.parquet"):
-        path = run_dir / name
-        if not path.is_file():
+        path = _readable_optional(run_dir, name)
+        if path is None:
             continue
-        table = pd.read_parquet(path)
+        table = read_parquet(path)
         if "step" in table.columns and (table["step"] == 0).any():
             table = table[table["step"] == 0]
         if {"proxy", "score"} <= set(table.columns):
@@ -91,9 +115,9 @@ def optional_sections(run_dir: Path) -> list[str]:
     """Markdown tables of the optional outputs present in the run folder (proxy quality, forgetting quality)."""
     sections = []
     for name, title in (("proxies.parquet", "Proxy quality"), ("forgetting_quality.parquet", "Forgetting quality")):
-        path = run_dir / name
-        if path.is_file():
-            df = pd.read_parquet(path).drop(columns=["run", "config_sha"], errors="ignore")
+        path = _readable_optional(run_dir, name)
+        if path is not None:
+            df = read_parquet(path).drop(columns=["run", "config_sha"], errors="ignore")
             sections += [f"## {title} (`{name}`)", "", markdown_table(df), ""]
     return sections
 
@@ -146,8 +170,14 @@ def build_report(run_dir: str | Path) -> list[Path]:
     if not steps_path.is_file():
         raise FileNotFoundError(f"no steps.parquet in {run_dir}; run the experiment first "
                                 "(the report is built from that table)")
-    steps = add_derived_columns(pd.read_parquet(steps_path))
-    summary = summarize(steps)
+    try:
+        steps = add_derived_columns(read_parquet(steps_path))
+        summary = summarize(steps)
+    except KeyError as exc:  # a readable Parquet file that is not a rumflow steps table
+        from rumflow.errors import DataError
+
+        raise DataError(f"{steps_path} lacks the column {exc} of a rumflow steps table; re-run the experiment "
+                        "(the same command) to rewrite it.") from None
     written = [write_parquet(summary, run_dir / "summary.parquet")]
     fig_dir = run_dir / FIGURES_DIR
     figures = [plot_tow(summary, fig_dir / "tow.png"),

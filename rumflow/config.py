@@ -4,22 +4,82 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo,
+                      ValidatorFunctionWrapHandler, field_validator, model_validator)
 
 from rumflow.data import DATASETS
 from rumflow.errors import ConfigError
 from rumflow.models import MODELS
 
 
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds must fit in 32 unsigned bits
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (int | None -> {int, NoneType}; list[float] -> {float})."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return {annotation}
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    return set().union(*(_leaf_types(a) for a in get_args(annotation))) if get_args(annotation) else {origin}
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def number_problem(annotation: Any, raw: Any, parsed: Any = None, seed: bool = False) -> str | None:
+    """Why a value does not fit a numeric field, in words (None when it fits or the field is not numeric):
+    a YAML boolean where a number goes (yes/no/on/off/true/false parse as booleans, and pydantic would
+    take them as 1/0), a non-finite number, or a negative or too large seed."""
+    kinds = _leaf_types(annotation)
+    if not kinds & {int, float} or bool in kinds:
+        return None
+    for v in _items(raw):
+        if isinstance(v, bool):
+            return (f"must be a number, not the yes/no value {v} (YAML reads yes/no/on/off/true/false as "
+                    "booleans); write a number")
+    for v in _items(parsed):
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, not {v}; write a finite number"
+        if seed and isinstance(v, int) and not 0 <= v <= SEED_MAX:
+            return f"must be a seed between 0 and {SEED_MAX}, not {v}; use a non-negative seed"
+    return None
+
+
+def _is_seed(name: str) -> bool:
+    return name in ("seed", "seeds") or name.endswith("_seed")
+
+
 class Strict(BaseModel):
-    """Frozen, and unknown keys are errors."""
+    """Frozen, and unknown keys are errors; on every numeric field, booleans, non-finite numbers and
+    seeds outside 0..2**32-1 are refused with one sentence."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _strict_numbers(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return handler(value)
+        seed = _is_seed(info.field_name or "")
+        problem = number_problem(field.annotation, value, value, seed)  # before pydantic's own bounds
+        if problem:
+            raise ValueError(problem)
+        parsed = handler(value)
+        problem = number_problem(field.annotation, value, parsed, seed)  # strings such as "inf" parse late
+        if problem:
+            raise ValueError(problem)
+        return parsed
 
 
 class DataConfig(Strict):
@@ -122,11 +182,31 @@ class MethodSpec(Strict):
         method = data.pop("method")
         params = data.pop("params", {}) or {}
         params = {**params, **data}
+        _check_param_numbers(method, params, None)
         try:
             validated = validate_params(method, params)
         except ConfigError as exc:
             raise ValueError(str(exc).rstrip(".")) from None
+        _check_param_numbers(method, params, validated)
         return {"method": method, "params": validated}
+
+
+def _check_param_numbers(method: str, raw: dict[str, Any], validated: BaseModel | None) -> None:
+    """The Strict number rules for a method's hyperparameters (they are not Strict models): before
+    validation on the raw values, after it on the parsed ones."""
+    from rumflow.methods.registry import get_method
+
+    try:
+        fields = get_method(method).params.model_fields
+    except ConfigError:
+        return  # an unknown method: validate_params says so
+    for key, field in fields.items():
+        if key not in raw and validated is None:
+            continue
+        parsed = raw.get(key) if validated is None else getattr(validated, key)
+        problem = number_problem(field.annotation, raw.get(key), parsed, seed=_is_seed(key))
+        if problem:
+            raise ValueError(f"method '{method}': hyperparameter '{key}' {problem}")
 
 
 def _digits(entry: str) -> dict[str, Any]:
@@ -210,6 +290,15 @@ class ExperimentConfig(Strict):
                 raise ValueError(PROXIES.unknown(name))
         if len(set(v)) != len(v):
             raise ValueError("a proxy is listed twice; list each once")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", v):
+            raise ValueError(f"unknown device '{v}'; use auto, cpu, cuda or cuda:N (N = the GPU's index)")
         return v
 
     @field_validator("seeds")
@@ -305,10 +394,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a folder; give --config a YAML or JSON file.")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist; check the path given to --config.")
         try:
             loaded = yaml.safe_load(p.read_text())  # JSON is YAML too
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"config file '{p}' cannot be read ({reason}); give --config a readable YAML "
+                              "or JSON file.") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML/JSON ({exc.__class__.__name__}); "
                               "fix its syntax.") from None

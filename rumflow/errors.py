@@ -19,3 +19,19 @@ class CheckpointError(RumflowError):
 
 class DivergenceError(RumflowError, FloatingPointError):
     """A training or unlearning loss became non-finite or exploded; nothing was saved."""
+
+
+class OutputError(RumflowError):
+    """An output location cannot be written (a file where a folder should be, read-only, no permission)."""
+
+
+class DiskFullError(OutputError):
+    """A write failed because the disk is full; the file being written was removed, not left half-written."""
+
+
+class RunFolderError(RumflowError):
+    """A run folder is incomplete or does not match its manifest."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another live run holds the run folder."""

@@ -56,6 +56,28 @@ def test_digest_ignores_name_only():
     (["data.name=cifar10", "data.root=/nonexistent/cifar"], "data folder '/nonexistent/cifar' does not exist"),
     (["data.name=mnist"], "data.root is required for mnist"),
     (["forget.steps=0"], "forget.steps"),
+    # YAML booleans where numbers go (pydantic alone would take yes as 1)
+    (["train.epochs=yes"], "config train.epochs: must be a number, not the yes/no value True"),
+    (["train.lr=on"], "config train.lr: must be a number, not the yes/no value True"),
+    (["seeds=[0, no]"], "config seeds: must be a number, not the yes/no value False"),
+    (["memorization.epochs=yes"], "config memorization.epochs: must be a number"),
+    (["rum.high.epochs=yes"], "hyperparameter 'epochs' must be a number, not the yes/no value True"),
+    # non-finite numbers, as YAML (.inf, .nan) or as text ("inf")
+    (["train.lr=.inf"], "config train.lr: must be a finite number, not inf"),
+    (["train.lr=.nan"], "config train.lr: must be a finite number, not nan"),
+    (["train.weight_decay=inf"], "config train.weight_decay: must be a finite number, not inf"),
+    (["holdout.lr=-.inf"], "config holdout.lr: must be a finite number"),
+    (["rum.mid.lr=.nan"], "hyperparameter 'lr' must be a finite number, not nan"),
+    (["vanilla.lr=.inf"], "hyperparameter 'lr' must be a finite number, not inf"),
+    # seeds: numpy and scikit-learn take 0 .. 2**32 - 1
+    (["data.split_seed=-1"], "config data.split_seed: must be a seed between 0 and 4294967295, not -1"),
+    (["seeds=[-1]"], "config seeds: must be a seed between 0 and 4294967295, not -1"),
+    (["seeds=[0, 4294967296]"], "not 4294967296"),
+    (["memorization.seed=-5"], "config memorization.seed: must be a seed"),
+    # devices that cannot exist anywhere
+    (["device=foo"], "config device: unknown device 'foo'; use auto, cpu, cuda or cuda:N"),
+    (["device=cuda:-1"], "unknown device 'cuda:-1'"),
+    (["device=gpu0"], "unknown device 'gpu0'"),
 ])
 def test_bad_config_is_one_sentence(overrides, fragment):
     with pytest.raises(ConfigError) as info:
@@ -63,6 +85,22 @@ def test_bad_config_is_one_sentence(overrides, fragment):
     msg = str(info.value)
     assert fragment in msg
     assert "\n" not in msg
+
+
+def test_booleans_stay_booleans_and_numbers_stay_numbers():
+    cfg = load_config(None, ["train.augment=yes", "data.download=no", "seeds=[0, 4294967295]", "train.lr=1e-3",
+                             "rum.high.epochs=2"])
+    assert cfg.train.augment is True and cfg.data.download is False
+    assert cfg.seeds == [0, 4294967295] and cfg.train.lr == 1e-3 and cfg.rum.high.params.epochs == 2
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x9c")
+    with pytest.raises(ConfigError, match="cannot be read .*not UTF-8"):
+        load_config(binary)
 
 
 def test_missing_config_file_and_bad_set_syntax(tmp_path):
