@@ -8,6 +8,7 @@ killed at any point is completed once by the next run.
 """
 from __future__ import annotations
 
+import io
 import os
 import platform
 import threading
@@ -24,6 +25,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 import rumflow
+from rumflow.artifacts.checkpoints import atomic_write_bytes
 from rumflow.artifacts.ledger import LEDGER_FILE, Ledger, Step, fsync_dir
 from rumflow.artifacts.prefect_artifacts import _cell, advance_progress, artifact_key, start_progress
 from rumflow.artifacts.tables import write_text
@@ -33,7 +35,7 @@ from rumflow.metrics import tow, tow_mia
 from rumflow.planning import TIERS, StepPlan, partition_request
 from rumflow.proxies.registry import memorization_of
 from rumflow.runtime import dataset_on
-from rumflow.service import (SERVICE_FILE, ServiceConfig, ServiceFolder, apply_gates, derived_figures,
+from rumflow.service import (SERVICE_FILE, TRAIN_IDS, ServiceConfig, ServiceFolder, apply_gates, derived_figures,
                              dump_service_config, gate_failure, unlearn_seed)
 from rumflow.tasks.caching import in_run_dir
 from rumflow.tasks.service import (ServiceModel, ensure, evaluate_version, experiment_original, load_state, prepare_tier,
@@ -118,7 +120,11 @@ def create_folder(cfg: ServiceConfig, root: Path) -> Path:
         if folder.cfg.digest() != cfg.digest() or folder.ledger.meta("current_version") is not None:
             raise ConfigError(f"'{root}' already holds a service; choose another --dir or remove it.")
         return root
+    ids = dataset_on(cfg.data, "cpu").train.ids()  # the data loads before anything is written
     root.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, ids)
+    atomic_write_bytes(root / TRAIN_IDS, buf.getvalue())  # what `rumflow request add` validates against
     write_text(dump_service_config(cfg), root / SERVICE_FILE)
     Ledger.create(ledger, cfg.name, cfg.digest()).close()
     return root

@@ -22,6 +22,7 @@ from rumflow.errors import ConfigError
 REQUEST_STATES = ("queued", "running", "done", "rejected", "failed")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SERVICE_FILE = "service.yaml"
+TRAIN_IDS = "train_ids.npy"  # the training ids, saved at creation: requests are validated without the data
 
 
 class Version0Config(Strict):
@@ -340,3 +341,6 @@ class ServiceFolder:
 
     def model_path(self, sha256: str) -> Path:
         return self.models / f"{sha256}.pt"
+
+    def train_ids(self) -> np.ndarray:
+        return np.load(self.root / TRAIN_IDS)

@@ -14,8 +14,6 @@ from typing import Any
 
 from rumflow.errors import ConfigError
 
-TRAIN_IDS = "train_ids.npy"
-
 
 def _prefect_env() -> None:
     """Offline-friendly Prefect settings unless the user set them (PREFECT_API_URL is honoured)."""
@@ -60,23 +58,13 @@ def _run(flow_fn: Any, service: Path) -> dict[str, Any]:
 
 def cmd_service_create(args: argparse.Namespace) -> int:
     """Validate the config, write the service folder, make version 0."""
-    import numpy as np
-
-    from rumflow.artifacts.checkpoints import atomic_write_bytes
-    from rumflow.runtime import dataset_on
     from rumflow.service import load_service_config
 
     cfg = load_service_config(args.config)
-    ds = dataset_on(cfg.data, "cpu")  # the data exists and loads before anything is written
     _prefect_env()
     from rumflow.flows.service import create_folder, service_create
 
     root = create_folder(cfg, Path(args.dir) if args.dir else Path("services") / cfg.name)
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, ds.train.ids())
-    atomic_write_bytes(root / TRAIN_IDS, buf.getvalue())
     result = _run(service_create, root)
     print(f"service {cfg.name} created in {root}: version 0 = {result['sha256'][:12]} ({result['origin']})")
     print(f"next: rumflow request add --service {root} --ids 12,907,3311")
@@ -110,16 +98,13 @@ def _step_line(result: dict[str, Any]) -> str:
 
 def cmd_request_add(args: argparse.Namespace) -> int:
     """Validate and queue a request; one sentence and nothing stored when it is refused."""
-    import numpy as np
-
     from rumflow.service import parse_id_file, parse_id_list
 
     if (args.ids is None) == (args.file is None):
         raise ConfigError("give the ids with --ids 12,907,3311 or --file ids.txt (one of them).")
     ids = parse_id_list(args.ids) if args.ids is not None else parse_id_file(args.file)
     folder = _open(args)
-    train_ids = np.load(folder.root / TRAIN_IDS)
-    req = folder.ledger.add_request(ids, train_ids, args.id, args.note)
+    req = folder.ledger.add_request(ids, folder.train_ids(), args.id, args.note)
     print(f"request {req['request_id']} queued: {req['n_examples']} examples (received {req['received_at']}).")
     return 0
 

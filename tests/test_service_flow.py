@@ -1,0 +1,163 @@
+"""The service flows on tiny digits settings against a real Prefect API (the test harness): a step that
+processes two requests, an idle run, gates that reject a version, SIGKILL in the middle of a step and its
+completion by the next run, and two runs started at once on one service."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from apihelpers import read_artifacts, task_states
+
+TINY_SERVICE = {
+    "name": "tiny-svc",
+    "train": {"epochs": 2},
+    "holdout": {"max_epochs": 1},
+    "rum": {"low": {"method": "none"}, "mid": {"method": "finetune", "epochs": 1},
+            "high": {"method": "neggrad_plus", "epochs": 1}},
+    "evaluate": {"mia_max_shadow": 100},
+    "lease": {"wait": 240},
+}
+
+
+def make_service(path: Path, **over) -> Path:
+    """A created service (version 0 trained) in `path`."""
+    from rumflow.flows.service import create_folder, service_create
+    from rumflow.service import validate_service_config
+
+    root = create_folder(validate_service_config({**TINY_SERVICE, **over}), path)
+    state = service_create(str(root), return_state=True)
+    assert state.is_completed(), state
+    return root
+
+
+def folder(root: Path):
+    from rumflow.service import ServiceFolder
+
+    return ServiceFolder.open(root)
+
+
+def add(root: Path, ids, request_id=None) -> str:
+    f = folder(root)
+    return f.ledger.add_request(list(ids), f.train_ids(), request_id)["request_id"]
+
+
+def step(root: Path):
+    from rumflow.flows.service import service_step
+
+    state = service_step(str(root), return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def cli(root: Path, *args: str) -> list[str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return [sys.executable, "-m", "rumflow.cli", *args, "--service", str(root)], env
+
+
+def test_a_step_unlearns_two_requests_then_an_idle_run_finishes_at_once(prefect_api, tmp_path):
+    root = make_service(tmp_path / "svc")
+    train = folder(root).train_ids()
+    add(root, train[:6])
+    add(root, train[100:130:3], "ticket-2")
+    result, run_id = step(root)
+    assert result["status"] == "done" and result["version"] == 1 and result["requests"] == ["r1", "ticket-2"]
+    f = folder(root)
+    rows = f.ledger.rows()
+    assert [r["request_id"] for r in rows] == ["r1", "ticket-2"]
+    row = rows[0]
+    assert row["n_examples"] == 6 and row["n_step_examples"] == 16
+    assert row["tier_low"] + row["tier_mid"] + row["tier_high"] == 16
+    assert row["parent_version"] == 0 and row["version"] == 1 and row["promoted"] == 1
+    assert row["sha256"] == f.ledger.current()[1] != row["parent_sha256"]
+    for key in ("acc_forget", "acc_test", "acc_retain", "acc_retain_prev", "mia", "mia_heldout", "forget_p"):
+        assert np.isfinite(row["figures"][key]), key
+    assert {g["gate"] for g in row["gates"]} == {"forget_alpha", "max_retain_drop", "max_test_drop"}
+    assert row["flow_run_id"] == str(run_id) and row["methods"]["high"]["method"] == "neggrad_plus"
+    assert f.ledger.forgotten() == sorted(list(train[:6]) + list(train[100:130:3]))
+    assert (f.model_path(row["sha256"])).is_file()
+    names = {name for name, _ in task_states(run_id)}
+    assert {"score v0/holdout_retraining", "unlearn v1/mid/finetune", "evaluate v1",
+            "evaluate v0 (parent of v1)"} <= names, names
+    table = read_artifacts("tiny-svc-step-1")[0]
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["request"] for r in data] == ["r1", "ticket-2"] and data[0]["version"] == "v1"
+    assert data[0]["gate_forget_alpha"] == "pass" and data[0]["promoted"] is True
+    assert read_artifacts("tiny-svc-step-1-progress")[0].data == 100.0
+
+    start = time.monotonic()
+    idle, _ = step(root)
+    assert idle == {"status": "idle"} and time.monotonic() - start < 30
+
+
+def test_a_version_that_misses_a_gate_is_kept_but_not_promoted(prefect_api, tmp_path):
+    # a forget gap of -0.5 cannot be met: the forgotten examples would have to be 50 points below test accuracy
+    root = make_service(tmp_path / "svc", gates={"max_forget_gap": -0.5})
+    train = folder(root).train_ids()
+    add(root, train[10:20])
+    result, _ = step(root)
+    assert result["status"] == "failed" and not result["promoted"] and result["version"] == 1
+    f = folder(root)
+    assert f.ledger.current()[0] == 0 and f.ledger.version(1)["promoted"] == 0
+    req = f.ledger.request("r1")
+    assert req["state"] == "failed" and "max_forget_gap (forget_gap = " in req["reason"]
+    (row,) = f.ledger.rows()
+    gap = next(g for g in row["gates"] if g["gate"] == "max_forget_gap")
+    assert not gap["passed"] and gap["value"] == pytest.approx(row["figures"]["acc_forget"] - row["figures"]["acc_test"])
+    assert f.model_path(row["sha256"]).is_file() and f.ledger.forgotten() == []
+    add(root, train[10:20])  # the ids were not forgotten, so they can be sent again
+
+
+def test_sigkill_in_the_middle_of_a_step_then_the_next_run_completes_it_once(prefect_api, tmp_path):
+    root = make_service(tmp_path / "svc")
+    f = folder(root)
+    train = f.train_ids()
+    add(root, train[:30:2])
+    add(root, train[200:230:2])
+    v0_files = set(f.models.glob("*.pt"))
+    records = lambda: len([p for p in (root / "cache").rglob("*") if p.is_file()])  # noqa: E731
+    before = records()
+    cmd, env = cli(root, "service", "step")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    # kill once the mid tier's weights and its task record are written (score, low, mid): the step is half done
+    while time.time() < deadline and proc.poll() is None and not (
+            set(f.models.glob("*.pt")) - v0_files and records() >= before + 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert set(f.models.glob("*.pt")) - v0_files, proc.stdout.read().decode()[-3000:]
+    assert f.ledger.rows() == [], "the step finished before it was killed"
+    assert {r["state"] for r in f.ledger.requests()} == {"running"}  # nothing lost: the step is open
+
+    result, run_id = step(root)
+    assert result["status"] == "done" and result["requests"] == ["r1", "r2"]
+    rows = f.ledger.rows()
+    assert sorted(r["request_id"] for r in rows) == ["r1", "r2"]  # exactly one row per request
+    assert [v["version"] for v in f.ledger.versions()] == [0, 1] and f.ledger.current()[0] == 1
+    states = dict(task_states(run_id))
+    assert states.get("unlearn v1/mid/finetune") == "Cached", states
+    assert step(root)[0] == {"status": "idle"}  # nothing is processed twice
+
+
+def test_two_runs_started_at_once_do_not_fork_the_chain(prefect_api, tmp_path):
+    root = make_service(tmp_path / "svc", batch="one")
+    train = folder(root).train_ids()
+    add(root, train[:8])
+    add(root, train[300:308])
+    cmd, env = cli(root, "service", "step")
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=400)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    f = folder(root)
+    versions = f.ledger.versions()
+    assert [(v["version"], v["parent"], v["promoted"]) for v in versions] == [(0, None, 1), (1, 0, 1), (2, 1, 1)]
+    rows = f.ledger.rows()
+    assert sorted(r["request_id"] for r in rows) == ["r1", "r2"]
+    assert [r["parent_version"] for r in rows] == [0, 1]
