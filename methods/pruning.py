@@ -19,7 +19,7 @@ from torch import nn
 from rumflow.data import Split
 from rumflow.methods.parts import OptimizerName, build_optimizer
 from rumflow.methods.registry import MethodParams, UnlearnContext, epoch_batches, register, retain_count
-from rumflow.models import ACTIVATION_MASK, attach_activation_masks
+from rumflow.models import ACTIVATION_MASK, attach_activation_masks, is_activation_mask
 from rumflow.training import batches_per_epoch, check_loss, minibatches
 
 Site = tuple[str, int, torch.Size]  # (module path, call index, one example's activation shape)
@@ -169,6 +169,6 @@ def activation_pruning(model: nn.Module, forget: Split, retain: Split, p: Activa
         losses.append(check_loss(loss_sum, batches, "activation_pruning", epoch))
     ctx.stats["mask_steps"] = mask_steps
     if sites:
-        masks = [b for k, b in model.named_buffers() if k.rsplit(".", 1)[-1].startswith(ACTIVATION_MASK)]
+        masks = [b for k, b in model.named_buffers() if is_activation_mask(k)]
         ctx.stats["pruned_fraction"] = float(1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks))
     return model
