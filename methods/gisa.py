@@ -13,27 +13,16 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
+from rumflow.methods.parts import OptimizerName, build_optimizer
 from rumflow.methods.registry import MethodParams, Preparation, UnlearnContext, epoch_batches, register
 from rumflow.methods.ssd import check_importances, importances, prefixed, split_prepared, trainable
 from rumflow.training import check_loss, minibatches
 
-OptimizerKind = Literal["adam", "sgd"]
-
-
-def make_optimizer(kind: OptimizerKind, groups: list[dict], lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """Adam (seed 003's choice; coupled L2 weight decay, momentum unused) or SGD with momentum, over
-    param groups of the model being returned (never a copy)."""
-    if kind == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 class GisaParams(MethodParams):
     lr: float = Field(1e-4, gt=0, description="eta_base, scaled per parameter tensor by eq. 11 (003: Adam 1e-4)")
     epochs: int = Field(1, ge=0, description="passes over D_r, each retain batch paired with a cycled forget batch")
-    optimizer: OptimizerKind = Field("adam", description="adam (seed 003, momentum unused) or sgd (momentum, "
-                                     "plain eq. 13 with momentum 0)")
+    optimizer: OptimizerName = Field("adam", description="adam (seed 003; momentum unused), adamw, or sgd "
+                                     "(with momentum; momentum 0 is eq. 13's plain step)")
     scaling: Literal["formula", "text"] = Field(
         "formula", description="formula: eq. 11, eta_i = eta_base * (1 + m_i) amplifies tensors important to "
         "D_f but not D_r; text: the prose's 'dampened' rate, eta_base / (1 + m_i)")
@@ -78,7 +67,7 @@ def gisa(model: nn.Module, forget: Split, retain: Split, p: GisaParams, ctx: Unl
     mult = lr_multipliers(forget_imp, retain_imp, p.ratio_eps, p.scaling)
     ctx.stats["lr_multipliers"] = mult
     groups = [{"params": [q], "lr": p.lr * mult[n]} for n, q in trainable(model)]
-    opt = make_optimizer(p.optimizer, groups, p.lr, p.momentum, p.weight_decay)
+    opt = build_optimizer(model, p.optimizer, p.lr, p.momentum, p.weight_decay, params=groups)  # one group per tensor
     gen = ctx.generator()
     device = retain.x.device
     losses = ctx.stats["loss"]

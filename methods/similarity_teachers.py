@@ -3,7 +3,7 @@
 No reference code exists; the document describes four changes to Bad Teaching in prose. This is the
 project's reading (docs/methods.md, "Seed 003"):
 - the retain examples are the union of each forget image's k nearest retain images by cosine similarity
-  of the original model's penultimate features (the input of its last nn.Linear), capped at
+  of the original model's penultimate features (the input of its final nn.Linear), capped at
   `retain_budget` x |D_f|, ranked by how many forget images chose them, then by their best similarity;
 - each chosen retain example is weighted by that count, normalised to mean 1 (`weighted`);
 - the bad teacher is a fresh model pre-trained on D_r for `bad_teacher_epochs` with the original recipe's
@@ -22,8 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from rumflow.data import Split
-from rumflow.errors import ConfigError
-from rumflow.methods.gisa import OptimizerKind, make_optimizer
+from rumflow.methods.parts import OptimizerName, build_optimizer, capture_penultimate
 from rumflow.methods.registry import MethodParams, Preparation, UnlearnContext, epoch_batches, register
 from rumflow.methods.ssd import prefixed
 from rumflow.methods.teachers import frozen_copy, kl_to_probs, load_teacher
@@ -35,7 +34,7 @@ BAD_TEACHER = "bad_teacher."
 class SimilarityTeachingParams(MethodParams):
     lr: float = Field(1e-4, gt=0, description="learning rate (Bad Teaching's Adam 1e-4)")
     epochs: int = Field(1, ge=0, description="passes over D_f and the chosen retain subset, batches alternating")
-    optimizer: OptimizerKind = Field("adam", description="adam (Bad Teaching's; momentum unused) or sgd")
+    optimizer: OptimizerName = Field("adam", description="adam (Bad Teaching's; momentum unused), adamw or sgd")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of both teachers and the student")
     k: int = Field(3, ge=1, description="nearest retain images per forget image (cosine, penultimate features)")
     retain_budget: float = Field(3.0, gt=0, description="at most this many retain examples per forget example "
@@ -50,32 +49,20 @@ class SimilarityTeachingParams(MethodParams):
                                     "0 leaves it at random init)")
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    """The model's last nn.Linear (its head), whose input is the penultimate feature."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError("bad_teaching_similarity needs a model whose head is an nn.Linear (its input is the "
-                          "feature the similarity uses); choose small_cnn, resnet18 or vgg16_bn.")
-    return linears[-1]
-
-
 @torch.no_grad()
 def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Eval-mode inputs of the model's last nn.Linear for `x`, L2-normalised (the mode is restored)."""
-    head = _last_linear(model)
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda m, args: captured.append(args[0].flatten(1)))
+    """Eval-mode inputs of the model's final nn.Linear for `x`, L2-normalised (the mode is restored)."""
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+        with capture_penultimate(model) as seen:
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
     finally:
-        handle.remove()
         model.train(was_training)
-    if not captured:
-        return torch.zeros(0, head.in_features, device=x.device)
-    return F.normalize(torch.cat(captured), dim=1)
+    if not seen:
+        return torch.zeros(0, 0, device=x.device)
+    return F.normalize(torch.cat([f.flatten(1) for f in seen]), dim=1)
 
 
 def similarity_subset(forget_feats: torch.Tensor, retain_feats: torch.Tensor, k: int, budget: int,
@@ -160,8 +147,7 @@ def bad_teaching_similarity(model: nn.Module, forget: Split, retain: Split, p: S
     votes = prepared["subset_votes"].to(device)
     weights = votes / votes.mean() if p.weighted and len(votes) else torch.ones_like(votes)
     ctx.stats["subset_size"] = len(subset)
-    opt = make_optimizer(p.optimizer, [{"params": [q for q in model.parameters()]}], p.lr, p.momentum,
-                         p.weight_decay)
+    opt = build_optimizer(model, p.optimizer, p.lr, p.momentum, p.weight_decay)
     gen = ctx.generator()
     losses = ctx.stats["loss"]
     for epoch in range(p.epochs):
