@@ -173,10 +173,12 @@ def build_report(run_dir: str | Path) -> list[Path]:
     try:
         steps = add_derived_columns(read_parquet(steps_path))
         summary = summarize(steps)
-    except KeyError as exc:  # a readable Parquet file that is not a rumflow steps table
+    except (KeyError, ValueError) as exc:  # a readable Parquet file that is not a rumflow steps table
         from rumflow.errors import DataError
 
-        raise DataError(f"{steps_path} lacks the column {exc} of a rumflow steps table; re-run the experiment "
+        what = (f"the column {exc}" if isinstance(exc, KeyError)
+                else f"what a steps table holds ({str(exc).split(';')[0]})")
+        raise DataError(f"{steps_path} lacks {what}, so it is not a rumflow steps table; re-run the experiment "
                         "(the same command) to rewrite it.") from None
     written = [write_parquet(summary, run_dir / "summary.parquet")]
     fig_dir = run_dir / FIGURES_DIR
