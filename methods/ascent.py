@@ -134,6 +134,9 @@ def check_unfreeze(model: nn.Module, p: AscentParams) -> None:
     """Stop early when `unfreeze` names a block the model does not have."""
     if not p.unfreeze:
         return
+    if p.unfreeze_at is None:
+        raise ConfigError(f"unfreeze names {', '.join(p.unfreeze)} but unfreeze_at is not set; set unfreeze_at "
+                          "(a fraction of the loop's epochs, e.g. 0.3) or drop unfreeze.")
     names = [n for n, _ in blocks(model)]
     unknown = [u for u in p.unfreeze if u not in names]
     if unknown:

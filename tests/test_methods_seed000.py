@@ -290,6 +290,8 @@ def test_trainable_names_win_over_last_k_and_bad_names_get_one_sentence(setup):
         choose_blocks(model, None, 5)
     with pytest.raises(ConfigError, match="has no block layer1"):
         run("ascent_schedule", setup, unfreeze=("layer1",), unfreeze_at=0.3, epochs=1)
+    with pytest.raises(ConfigError, match="unfreeze names block3 but unfreeze_at is not set"):
+        run("ascent_schedule", setup, unfreeze=("block3",), epochs=1)
 
 
 def test_frozen_bn_train_lets_frozen_statistics_move_as_the_seeds_did(setup):
