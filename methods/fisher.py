@@ -92,7 +92,7 @@ def _prepare_fisher(model: nn.Module, forget: Split, retain: Split, p: FisherFor
 
 
 @register("fisher_forgetting", FisherForgettingParams, source="seed 003 §2.1; Golatkar et al. 2020 (SCRUB repo)",
-          prepare=Preparation(_prepare_fisher, uses_retain=True))
+          prepare=Preparation(_prepare_fisher, params=("batch_size",), uses_retain=True))
 def fisher_forgetting(model: nn.Module, forget: Split, retain: Split, p: FisherForgettingParams,
                       ctx: UnlearnContext) -> nn.Module:
     """theta <- theta + sqrt(var) * N(0, 1), var from the inverse Fisher of D_r (weights D_r needs little move most)."""

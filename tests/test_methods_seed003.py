@@ -473,3 +473,24 @@ def test_bad_teaching_similarity_prepares_a_retain_pretrained_teacher_and_trains
     assert kinds[:6] == ["f", "r", "f", "r", "f", "r"]
     assert kinds.count("f") == 3 and kinds.count("r") == math.ceil(len(ids) / 8) - (len(ids) % 8 == 1)
     assert ctx.stats["subset_size"] == len(ids)
+
+
+# ------------------------------------------------------------------ preparations
+
+
+@pytest.mark.parametrize("name, others", [
+    ("ssd", {"selection_weighting": 3.0, "dampening_constant": 0.5, "exponent": 2.0}),
+    ("ssd_retain", {"lower_bound": 0.5}),
+    ("gisa", {"lr": 0.5, "scaling": "text", "batch_size": 8, "ratio_eps": 1e-3}),
+    ("fisher_forgetting", {"alpha": 0.1, "var_cap": 5.0}),
+    ("bad_teaching_similarity", {"lr": 0.3, "batch_size": 8, "temperature": 4.0, "weighted": False}),
+])
+def test_preparation_reads_only_the_hyperparameters_it_names(digits, name, others):
+    """The flow keys (and feeds) a preparation with only the hyperparameters its Preparation names."""
+    _, _, forget, retain = digits
+    named = METHODS[name].prepare.params
+    full = validate_params(name, others).model_dump()
+    a = prepare_method(name, full, digits_model(digits), forget, retain, digits_context(digits))
+    b = prepare_method(name, {k: full[k] for k in named}, digits_model(digits), forget, retain,
+                       digits_context(digits))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
