@@ -37,6 +37,19 @@ API (the experiment flow and the CLI call these; nothing here imports Prefect ex
     ``steps.parquet`` that are missing, unreadable Parquet, leftover temporary files. Other modules may add
     checks with ``register_check(fn)`` (``fn(run_dir) -> list[str]``), e.g. for cache records.
 
+``refresh(run_dir, outputs) -> Path``
+    Re-record outputs rewritten after ``finish`` (``rumflow report``) in the manifest, keeping the rest.
+
+``read_manifest(run_dir) -> dict`` / ``output_problems(run_dir, manifest, skip=...) -> list[str]``
+    The manifest (``RunFolderError`` when missing or unreadable); the outputs that no longer match it.
+
+``checkpoint_problem(path)`` / ``scores_problem(path)`` / ``scores_digest(df)``
+    The per-file checks ``verify`` runs (``None`` when the file holds what its name says), usable on
+    their own before a file is used.
+
+``held_folders()`` / ``release(held)``
+    The folders this process holds; let go of one at once (for a process that is about to end).
+
 ``check_complete(run_dir) -> dict``
     For readers such as ``rumflow report``: raises ``RunFolderError`` (one sentence) when the folder is
     incomplete or has no readable manifest; returns the manifest.

@@ -24,7 +24,14 @@ _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 def write_error(exc: OSError, path: str | Path | None = None) -> RumflowError | None:
     """The one-sentence error for an OSError met while writing `path` (None: not a write problem we name)."""
-    target = Path(path if path is not None else (exc.filename or "the run folder"))
+    named = path if path is not None else exc.filename
+    if named is None:
+        if exc.errno in _FULL:
+            return DiskFullError("the disk holding the run folder is full (a write failed with "
+                                 f"{errno.errorcode.get(exc.errno, exc.errno)}); free space and run again; "
+                                 "files are replaced whole, so nothing was half-written.")
+        return None
+    target = Path(named)
     if exc.errno in _FULL:
         return DiskFullError(f"the disk holding {target.parent} is full (while writing {target.name}); "
                              "free space and run again; nothing was half-written.")
@@ -49,6 +56,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -65,6 +73,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         _remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _remove(tmp: str | None) -> None:

@@ -371,11 +371,10 @@ def tmpfs(path: Path, options: str):
 def test_a_real_full_disk(tmp_path):
     with tmpfs(tmp_path / "small", "size=1m") as disk:
         old = write_text("old summary", disk / "summary.md")
-        with open(disk / "filler", "wb") as f:  # fill the disk to the last page
+        with open(disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last page
             with contextlib.suppress(OSError):
                 while True:
                     f.write(b"\0" * 4096)
-                    f.flush()
         with pytest.raises(DiskFullError, match=r"the disk holding .*small is full .*nothing was half-written"):
             write_parquet(pd.DataFrame({"a": np.arange(100_000)}), disk / "summary.md")
         assert old.read_text() == "old summary"
