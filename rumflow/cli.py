@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- stopping
 
+_HANDLING = threading.Event()  # this process handles SIGTERM/SIGINT itself (a standalone run)
 _STOPPING = threading.Event()  # a SIGTERM/SIGINT arrived: no new work, no bookkeeping, exit
 _SHUTDOWN = threading.Lock()
 _SIGNAL = {"number": None}
@@ -326,6 +327,7 @@ def _install_signal_handlers() -> None:
     to the wakeup fd whatever Python handler runs)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    _HANDLING.set()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     r, w = os.pipe()
@@ -519,14 +521,15 @@ def _is_interrupt(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None, standalone: bool | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2. `standalone` (default: when
-    called without arguments, as the `rumflow` command is) installs the signal handling and, on an
-    interrupt, stops every child process and ends the process; in-process callers (tests) get 130."""
+    called without arguments, as the `rumflow` command is): `run` and `memorization` handle SIGTERM like
+    Ctrl-C and, on either, stop every child process and end the process (see the module docstring);
+    in-process callers (tests) get status 130 and the hint."""
     from rumflow.artifacts.tables import write_error
 
     standalone = argv is None if standalone is None else standalone
-    if standalone:
-        _install_signal_handlers()
     args = build_parser().parse_args(argv)
+    if standalone and getattr(args, "func", None) in (cmd_run, cmd_memorization):
+        _install_signal_handlers()  # other commands (the service's) keep Prefect's own signal handling
     try:
         return args.func(args)
     except RumflowError as exc:
@@ -541,14 +544,14 @@ def main(argv: list[str] | None = None, standalone: bool | None = None) -> int:
     except BaseException as exc:
         if not _is_interrupt(exc):
             raise
-        if standalone:
+        if _HANDLING.is_set():
             if exc.__class__.__name__ == "TerminationSignal":
                 _SIGNAL["number"] = _SIGNAL["number"] or int(signal.SIGTERM)
             _shutdown(_exit_status())
         print(RESUME_HINT, file=sys.stderr)
         return 130
     finally:
-        if standalone and not _STOPPING.is_set():
+        if _HANDLING.is_set() and not _STOPPING.is_set():
             stop_children()
 
 
