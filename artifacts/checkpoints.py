@@ -14,17 +14,18 @@ from rumflow.errors import CheckpointError
 
 
 class CheckpointRef(BaseModel):
-    """A pointer to weights in the store: tiny, JSON-hashable, loadable by any worker."""
+    """A pointer to weights in a store: tiny, JSON-hashable, and relative (the file is
+    `<store>/<sha256>.pt`, so a run folder can move). `sha256` is the digest of the state dict's
+    content; `file_sha256` that of the file's bytes (checked on every use without loading it)."""
 
     model_config = ConfigDict(frozen=True)
     sha256: str
-    path: str
     size: int
+    file_sha256: str
 
-    def looks_intact(self) -> bool:
-        """Cheap check (exists with the recorded size); loading verifies the digest."""
-        p = Path(self.path)
-        return p.is_file() and p.stat().st_size == self.size
+    @property
+    def name(self) -> str:
+        return f"{self.sha256}.pt"
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -52,11 +53,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class CheckpointStore:
     """A folder of `<sha256>.pt` files holding state dicts."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def path(self, ref: CheckpointRef) -> Path:
+        """Where `ref`'s file lives in this store."""
+        return self.root / ref.name
+
+    def intact(self, ref: CheckpointRef) -> bool:
+        """The file exists with the recorded size and byte digest (no unpickling)."""
+        p = self.path(ref)
+        return p.is_file() and p.stat().st_size == ref.size and file_digest(p) == ref.file_sha256
 
     def save(self, model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> CheckpointRef:
         """Store the weights (finite ones only) and return their reference."""
@@ -72,7 +91,7 @@ class CheckpointStore:
             buf = io.BytesIO()
             torch.save(state, buf)
             atomic_write_bytes(path, buf.getvalue())
-        return CheckpointRef(sha256=digest, path=str(path.resolve()), size=path.stat().st_size)
+        return CheckpointRef(sha256=digest, size=path.stat().st_size, file_sha256=file_digest(path))
 
     @staticmethod
     def _digest_of(path: Path) -> str | None:
@@ -81,10 +100,9 @@ class CheckpointStore:
         except Exception:
             return None
 
-    @staticmethod
-    def load_state(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    def load_state(self, ref: CheckpointRef) -> dict[str, torch.Tensor]:
         """Load a state dict after checking that its content matches the digest."""
-        path = Path(ref.path)
+        path = self.path(ref)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} is missing; re-run the same command to recompute it.")
         try:

@@ -62,15 +62,29 @@ def _cell(v: Any) -> Any:
     return str(v)
 
 
-def publish_step_table(run: str, seed: int, proxy: str, step: int, rows: list[dict[str, Any]]) -> UUID:
-    """Publish one step's evaluation rows as a table artifact keyed `<run>-s<seed>-<proxy>-step<k>`."""
-    table = [{str(k): _cell(v) for k, v in row.items()} for row in rows]
+# What a step table shows first, in this order; the rest of a row is provenance, told in the description.
+STEP_COLUMNS = ("strategy", "stage", "method", "acc_forget", "acc_retain", "acc_test", "mia", "tow", "tow_mia",
+                "seconds", "rte_step")
+PROVENANCE = ("run", "config_sha", "code_sha", "rumflow_version", "torch_version", "device", "host")
+
+
+def _rounded(v: Any) -> Any:
+    v = _cell(v)
+    return round(v, 3) if isinstance(v, float) else v
+
+
+def publish_step_table(key_prefix: str, seed: int, proxy: str, step: int, rows: list[dict[str, Any]]) -> UUID:
+    """Publish one step's rows as a table artifact keyed `<key_prefix>-s<seed>-<proxy>-step<k>`: the
+    metrics first, rounded to 3 decimals; provenance in the description."""
+    table = [{k: _rounded(row.get(k)) for k in STEP_COLUMNS if k in row} for row in rows]
+    first = rows[0] if rows else {}
+    origin = ", ".join(f"{k} {first[k]}" for k in PROVENANCE if k in first)
     return create_table_artifact(
-        table=table, key=step_table_key(run, seed, proxy, step),
-        description=f"run {run}, seed {seed}, proxy {proxy}, step {step}", _sync=True)
+        table=table, key=step_table_key(key_prefix, seed, proxy, step),
+        description=f"seed {seed}, proxy {proxy}, step {step}; {origin}", _sync=True)
 
 
-def publish_summary(run: str, markdown: str) -> UUID:
-    """Publish the run's Markdown summary under key `<run>-summary`."""
-    return create_markdown_artifact(markdown=markdown, key=artifact_key(run, "summary"),
-                                    description=f"summary of run {run}", _sync=True)
+def publish_summary(key_prefix: str, markdown: str) -> UUID:
+    """Publish the run's Markdown summary under key `<key_prefix>-summary`."""
+    return create_markdown_artifact(markdown=markdown, key=artifact_key(key_prefix, "summary"),
+                                    description=f"summary of run {key_prefix}", _sync=True)

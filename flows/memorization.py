@@ -6,9 +6,10 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from rumflow.artifacts.tables import write_parquet, write_text
-from rumflow.config import ExperimentConfig, dump_config, validate_config
-from rumflow.flows.experiment import Run, proxies_table
+from rumflow import records
+from rumflow.artifacts.tables import write_parquet
+from rumflow.config import ExperimentConfig, validate_config
+from rumflow.flows.experiment import Submitter
 from rumflow.runtime import check_feasible, dataset_on
 
 
@@ -19,17 +20,22 @@ def memorization(config: ExperimentConfig, out: str = "runs") -> str:
     check_feasible(cfg)
     run_dir = Path(out).expanduser().resolve() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(dump_config(cfg), run_dir / "config.yaml")
-    run = Run(cfg, run_dir, cfg.device)
-    truth = run.memorization()
-    get_run_logger().info(f"true memorization from {cfg.memorization.models} models in {truth.seconds:.0f}s")
+    s = Submitter(cfg, run_dir)
     seed = cfg.seeds[0]
-    original = run.train_model(seed, [], record_events=True)
-    scores = {p: run.scores(p, seed, original, original.ckpt) for p in cfg.proxies if p != "memorization"}
-    scores["memorization"] = truth
+    truth_f = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
+                       train=cfg.train, memorization=cfg.memorization, device=cfg.device, workdir=s.workdir)
+    original_f = s.train(seed, None, f"s{seed}/original", {"seed": seed}, events=True)
+    score_f = {p: s.scores(p, seed, original_f, original_f, f"s{seed}/{p}", {"seed": seed, "proxy": p})
+               for p in cfg.proxies if p != "memorization"}
+    truth, original = truth_f.result(), original_f.result()
+    get_run_logger().info(f"true memorization from {cfg.memorization.models} models in {truth.seconds:.0f}s")
+    scores = {p: (f.result().load(run_dir), f.result().seconds) for p, f in score_f.items()}
+    scores["memorization"] = (truth.load(run_dir), truth.seconds)
     train = dataset_on(cfg.data, cfg.device).train
     labels = pd.DataFrame({"example_id": train.ids(), "label": train.y.cpu().numpy()})
-    table = labels.merge(truth.load().rename(columns={"score": "memorization"}), on="example_id")
+    table = labels.merge(truth.load(run_dir).rename(columns={"score": "memorization"}), on="example_id")
     write_parquet(table, run_dir / "memorization.parquet")
-    write_parquet(proxies_table(run, {seed: original}, {seed: scores}, truth), run_dir / "proxies.parquet")
+    base = records.provenance(cfg)
+    write_parquet(records.proxies_table(base, cfg.forget.per_tier, train.ids(), truth.load(run_dir),
+                                        {seed: scores}, {seed: original.seconds}), run_dir / "proxies.parquet")
     return str(run_dir)

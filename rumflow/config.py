@@ -256,6 +256,17 @@ class EvaluateConfig(Strict):
                               "(seeded subsample) in the loss MIA and the loss JS distance")
 
 
+class RunnerConfig(Strict):
+    """Where the tasks run (it never changes a result, so it is not part of the config digest)."""
+
+    kind: Literal["threads", "processes", "ray", "dask"] = Field(
+        "threads", description="threads (default) | processes | ray (pip install -e '.[ray]') | dask "
+        "(pip install -e '.[dask]')")
+    address: str | None = Field(None, description="ray: an existing cluster (ray://host:10001 or host:6379); "
+                                "dask: a scheduler (tcp://host:8786); empty = start a local one for the run")
+    workers: int | None = Field(None, ge=1, description="tasks at once (default: one per CPU core, one per GPU)")
+
+
 ALL_PROXIES = ["confidence", "max_confidence", "entropy", "binary_accuracy", "holdout_retraining"]
 
 
@@ -279,6 +290,7 @@ class ExperimentConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
                              description="replicates: each trains its own original model")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="where the tasks run")
 
     @field_validator("proxies", "recompute")
     @classmethod
@@ -323,7 +335,7 @@ class ExperimentConfig(Strict):
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of everything except the name (what determines the numbers)."""
-        body = self.model_dump(mode="json", exclude={"name"})
+        body = self.model_dump(mode="json", exclude={"name", "runner"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -54,8 +54,9 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
 def run_experiment(config: dict, out: Path):
     """Run the experiment flow in this process; returns (run folder, flow run id)."""
     from rumflow.config import validate_config
-    from rumflow.flows.experiment import experiment
+    from rumflow.flows.experiment import configured
 
-    state = experiment(validate_config(config), out=str(out), return_state=True)
+    cfg = validate_config(config)
+    state = configured(cfg)(cfg, out=str(out), return_state=True)
     assert state.is_completed(), state
     return Path(state.result()), state.state_details.flow_run_id

@@ -13,7 +13,8 @@ def test_save_load_round_trip(tmp_path):
     store = CheckpointStore(tmp_path)
     model = create_model(SPEC, seed=0)
     ref = store.save(model)
-    assert ref.path.endswith(f"{ref.sha256}.pt") and ref.looks_intact()
+    assert store.path(ref) == tmp_path / f"{ref.sha256}.pt" and store.intact(ref)
+    assert "path" not in ref.model_dump()  # references are relative: a run folder can move
     assert store.save(create_model(SPEC, seed=0)) == ref  # same weights, same file
     assert store.save(create_model(SPEC, seed=1)).sha256 != ref.sha256
     other = store.load_into(ref, create_model(SPEC, seed=1))
@@ -25,17 +26,18 @@ def test_save_load_round_trip(tmp_path):
 def test_damaged_checkpoint_is_reported_not_loaded(tmp_path, damage):
     store = CheckpointStore(tmp_path)
     ref = store.save(create_model(SPEC, seed=0))
-    data = open(ref.path, "rb").read()
+    path = store.path(ref)
+    data = path.read_bytes()
     if damage == "truncate":
-        open(ref.path, "wb").write(data[: len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif damage == "flip":  # same size, different weights: only the digest can tell
-        state = torch.load(ref.path, weights_only=True)
+        state = torch.load(path, weights_only=True)
         key = next(k for k, v in state.items() if v.is_floating_point())
         state[key] = state[key] + 1
-        torch.save(state, ref.path)
+        torch.save(state, path)
     else:
-        import os
-        os.remove(ref.path)
+        path.unlink()
+    assert not store.intact(ref)
     with pytest.raises(CheckpointError, match="re-run the same command"):
         store.load_state(ref)
 
@@ -47,3 +49,13 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(CheckpointError, match="diverged"):
         CheckpointStore(tmp_path).save(model)
     assert not list(tmp_path.glob("*"))
+
+
+def test_a_flipped_byte_of_the_same_size_is_not_intact(tmp_path):
+    store = CheckpointStore(tmp_path)
+    ref = store.save(create_model(SPEC, seed=0))
+    path = store.path(ref)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == ref.size and not store.intact(ref)

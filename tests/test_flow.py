@@ -28,32 +28,40 @@ def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_ap
     steps = pd.read_parquet(run_dir / "steps.parquet")
     # per proxy: original + 2 steps x (retrain + 3 RUM sub-steps + vanilla)
     assert len(steps) == 2 * (1 + 2 * 5)
-    for col in ["run", "seed", "proxy", "strategy", "step", "tier", "method", "params", "checkpoint", "seconds",
+    for col in ["run", "seed", "proxy", "strategy", "step", "stage", "method", "code_sha", "examples", "params", "checkpoint", "seconds",
                 "acc_retain", "acc_forget", "acc_val", "acc_test", "tow", "tow_mia", "mia", "config_sha"]:
         assert col in steps.columns, col
     assert set(steps["strategy"]) == {"original", "retrain", "rum", "vanilla"}
     assert (steps.loc[steps["strategy"] == "retrain", "tow"] == 1.0).all()
     final_rum = steps[(steps["strategy"] == "rum") & steps["final"]]
-    assert list(final_rum["tier"].unique()) == ["high"]
+    assert list(final_rum["stage"].unique()) == ["high"]
+    assert "tier" not in steps.columns  # one column says which sub-step a row is
     examples = pd.read_parquet(run_dir / "examples.parquet")
     assert len(examples) == 1257 and examples["example_id"].is_unique
     assert {"confidence", "holdout_retraining", "forget_step_confidence", "forget_tier_confidence"} <= set(examples)
     assert (examples["forget_step_confidence"].notna().sum()) == 2 * 3 * 5
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["forget"]["steps"] == 2
-    progress = read_artifacts("tiny-progress")
+    from rumflow.config import validate_config
+
+    key = f"tiny-{validate_config(tiny_config).digest()[:8]}"
+    progress = read_artifacts(f"{key}-progress")
     assert progress and progress[0].data == 100.0  # every chain step advanced it
     for proxy in ("confidence", "holdout-retraining"):
         for k in (1, 2):
-            table = read_artifacts(f"tiny-s0-{proxy}-step{k}")[0]
+            table = read_artifacts(f"{key}-s0-{proxy}-step{k}")[0]
             rows = json.loads(table.data) if isinstance(table.data, str) else table.data
             assert {r["strategy"] for r in rows} == {"retrain", "rum", "vanilla"} | ({"original"} if k == 1 else set())
-            assert all(r["step"] == k for r in rows if r["strategy"] != "original")
-    summary = read_artifacts("tiny-summary")[0]
+            assert list(rows[0])[:4] == ["strategy", "stage", "method", "acc_forget"]  # metrics first
+            assert all(r["tow"] is None or r["tow"] == round(r["tow"], 3) for r in rows)
+    summary = read_artifacts(f"{key}-summary")[0]
     assert summary.type == "markdown" and "| confidence | rum |" in summary.data
 
     first_states = task_states(first_id)
     assert first_states and all(state in ("Completed", "Cached") for _, state in first_states)
     assert any(name.startswith("train") and state == "Completed" for name, state in first_states)
+    names = [name for name, _ in first_states]
+    assert len(set(names)) == len(names), "every task run says which seed, proxy, step and stage it is"
+    assert "unlearn s0/confidence/step2/rum-high/neggrad_plus" in names
 
     again_dir, second_id = run_experiment(tiny_config, tmp_path)
     second_states = task_states(second_id)
@@ -66,8 +74,9 @@ def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_ap
     third = task_states(third_id)
     recomputed = {name for name, state in third if state != "Cached"}
     assert recomputed, "changing the high tier's method must recompute something"
-    assert not any(name.startswith(("train", "proxy")) for name in recomputed), recomputed
-    assert "unlearn-finetune" in recomputed and "unlearn-neggrad_plus" not in recomputed
+    assert not any(name.startswith(("train", "proxy", "plan")) for name in recomputed), recomputed
+    assert "unlearn s0/confidence/step1/rum-high/finetune" in recomputed
+    assert not any(name.startswith("unlearn") and "vanilla" in name for name in recomputed), recomputed
 
 
 def test_resume_after_sigkill_gives_the_same_rows(prefect_api, tmp_path, tiny_config):
@@ -121,5 +130,5 @@ def test_adding_a_proxy_later_reuses_the_first(prefect_api, tmp_path, tiny_confi
     runs = task_states(second)
     states = dict(runs)  # these names occur once per run
     recomputed = {name for name, state in runs if state != "Cached"}
-    assert states["proxy-confidence"] == "Cached" and states["train-seed0-minus0"] == "Cached"
-    assert "proxy-max_confidence" in recomputed  # and the new proxy's own chain and references
+    assert states["proxy s0/confidence"] == "Cached" and states["train s0/original"] == "Cached"
+    assert "proxy s0/max_confidence" in recomputed  # and the new proxy's own chain and references

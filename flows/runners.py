@@ -1,0 +1,96 @@
+"""The task runner a config asks for: threads, processes, a Ray cluster or a Dask cluster."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+from rumflow.config import ExperimentConfig, RunnerConfig
+from rumflow.errors import ConfigError
+from rumflow.training import resolve_device
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0))
+
+
+def worker_count(runner: RunnerConfig, device: str) -> int:
+    """Tasks at once: as configured, else one per CPU core (one per GPU on CUDA)."""
+    if runner.workers:
+        return runner.workers
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count()) if runner.kind == "ray" else 1
+    return cores()
+
+
+def torch_threads_per_worker(runner: RunnerConfig, device: str) -> int:
+    """Intra-op threads per task: the cores shared out among the workers (spinning OpenMP threads of
+    several workers on the same cores collapse under load)."""
+    return max(1, cores() // worker_count(runner, device))
+
+
+def _missing(extra: str, package: str) -> ConfigError:
+    return ConfigError(f"runner.kind={extra} needs the {package} package, which is not installed; install it with "
+                       f"pip install -e '.[{extra}]' (or choose runner.kind=threads).")
+
+
+def check_runner(runner: RunnerConfig) -> None:
+    """Refuse a runner whose optional package is missing, before any work."""
+    if runner.kind == "ray":
+        try:
+            import prefect_ray  # noqa: F401
+            import ray  # noqa: F401
+        except ImportError:
+            raise _missing("ray", "prefect-ray") from None
+    if runner.kind == "dask":
+        try:
+            import prefect_dask  # noqa: F401
+        except ImportError:
+            raise _missing("dask", "prefect-dask") from None
+
+
+def task_runner(cfg: ExperimentConfig) -> Any:
+    """A fresh Prefect task runner for `cfg.runner` (the flow starts and stops it)."""
+    runner, workers = cfg.runner, worker_count(cfg.runner, cfg.device)
+    check_runner(runner)
+    env = {"RUMFLOW_TORCH_THREADS": str(torch_threads_per_worker(runner, cfg.device))}
+    if runner.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if runner.kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if runner.kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        env |= {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "OMP_"))}
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
+        if runner.address is None:
+            init |= {"num_cpus": workers, "include_dashboard": False}
+        return RayTaskRunner(address=runner.address, init_kwargs=init)
+    from prefect_dask import DaskTaskRunner
+
+    if runner.address:
+        return DaskTaskRunner(address=runner.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@contextmanager
+def gpu_slot(cfg: ExperimentConfig) -> Iterator[None]:
+    """Around a submit: on Ray with CUDA, ask Ray for one GPU per task (N GPUs run N tasks at once)."""
+    if cfg.runner.kind == "ray" and resolve_device(cfg.device).type == "cuda":
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=1):
+            yield
+    else:
+        with nullcontext():
+            yield

@@ -1,0 +1,110 @@
+"""Task records are checksummed JSON: a damaged or planted record, scores file or checkpoint is never used."""
+import json
+import pickle
+import base64
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from apihelpers import run_experiment, task_states
+
+from rumflow.tasks.records import CorruptRecord, check_record, decode_result, encode_result
+from rumflow.tasks.refs import Scores
+
+TIME = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "host", "efficient"}
+
+
+def comparable(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in df.columns if c in TIME])
+
+
+@pytest.fixture
+def one_step(tiny_config):
+    return {**tiny_config, "proxies": ["confidence"], "forget": {"steps": 1, "per_tier": 5}}
+
+
+def test_records_round_trip_and_reject_a_flipped_bit():
+    blob = encode_result({"acc_forget": 0.7, "mia": float("nan")})
+    assert decode_result(blob)["acc_forget"] == 0.7
+    for i in range(len(blob)):
+        flipped = bytearray(blob)
+        flipped[i] ^= 0x04
+        try:
+            value = decode_result(bytes(flipped))
+        except (CorruptRecord, UnicodeDecodeError, ValueError):
+            continue
+        assert value == decode_result(blob) or value["acc_forget"] == 0.7, i  # only whitespace-like flips load
+    assert decode_result(encode_result(Scores(proxy="p", path="scores/p-0.parquet", seconds=1.0))).proxy == "p"
+
+
+def _final_rum_record(run_dir: Path) -> Path:
+    """The cache record holding the evaluation of the final RUM row (the one whose acc_forget is printed)."""
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    row = steps[(steps["strategy"] == "rum") & steps["final"]].iloc[0]
+    for path in sorted((run_dir / "cache").iterdir()):
+        value = check_record(path.read_bytes(), run_dir)
+        if isinstance(value, dict) and value.get("acc_forget") == row["acc_forget"] and \
+                value.get("acc_retain") == row["acc_retain"] and value.get("acc_test") == row["acc_test"]:
+            return path
+    raise AssertionError("no evaluation record found")
+
+
+def test_a_flipped_bit_in_an_evaluation_record_is_recomputed_not_published(prefect_api, tmp_path, one_step):
+    run_dir, _ = run_experiment(one_step, tmp_path)
+    before = pd.read_parquet(run_dir / "steps.parquet")
+    record = _final_rum_record(run_dir)
+    data = json.loads(record.read_bytes())
+    outer = json.loads(data["result"])
+    changed = outer["body"].replace('"acc_forget": 0.', '"acc_forget": 1.', 1)  # a one-digit change
+    assert changed != outer["body"]
+    data["result"] = json.dumps({**outer, "body": changed})
+    record.write_text(json.dumps(data))
+    with pytest.raises(CorruptRecord):
+        check_record(record.read_bytes(), run_dir)
+    again, flow_id = run_experiment(one_step, tmp_path)
+    assert any(state == "Completed" and name.startswith("evaluate") for name, state in task_states(flow_id))
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
+
+
+class Boom:
+    """Unpickling this writes a file: proof that a record would have executed code."""
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(__file__).parent / ".planted-ran", "ran"))
+
+
+def test_a_planted_pickle_record_is_never_unpickled(prefect_api, tmp_path, one_step):
+    run_dir, _ = run_experiment(one_step, tmp_path)
+    before = pd.read_parquet(run_dir / "steps.parquet")
+    marker = Path(__file__).parent / ".planted-ran"
+    marker.unlink(missing_ok=True)
+    for path in (run_dir / "cache").iterdir():  # every record now claims to be a pickle of Boom
+        data = json.loads(path.read_bytes())
+        data["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}
+        data["result"] = base64.b64encode(pickle.dumps(Boom())).decode()
+        path.write_text(json.dumps(data))
+    again, flow_id = run_experiment(one_step, tmp_path)
+    assert not marker.exists(), "a planted record ran code"
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
+    states = task_states(flow_id)
+    assert all(state == "Completed" for _, state in states)  # nothing was served from a planted record
+    safe = [p for p in (run_dir / "cache").iterdir()
+            if json.loads(p.read_bytes())["metadata"]["serializer"]["type"] == "rumflow-json"]
+    assert len(safe) >= len(states)  # the recomputed tasks wrote safe records
+
+
+def test_a_flipped_bit_in_scores_or_a_checkpoint_is_recomputed(prefect_api, tmp_path, one_step):
+    run_dir, _ = run_experiment(one_step, tmp_path)
+    before = pd.read_parquet(run_dir / "steps.parquet")
+    scores = next((run_dir / "scores").glob("confidence-*.parquet"))
+    frame = pd.read_parquet(scores)
+    frame.loc[frame.index[0], "score"] = frame["score"].iloc[0] + 0.25  # other values, same file name
+    frame.to_parquet(scores, index=False)
+    ckpt = run_dir / "checkpoints" / f"{before['checkpoint'].iloc[-1]}.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) - 64] ^= 0x01  # same size, other bytes
+    ckpt.write_bytes(bytes(data))
+    again, flow_id = run_experiment(one_step, tmp_path)
+    states = dict(task_states(flow_id))
+    assert states["proxy s0/confidence"] == "Completed"
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
