@@ -145,7 +145,7 @@ def test_ssd_dampens_selected_weights_by_hand():
                      blob_split(8, seed=4, offset=10), ctx)
     expected_w = torch.tensor([
         [100.0 * 1 / 4, 0.01 * 1 / 4, 2.0, -3.0 / 30],  # the same factor 1/4 for 100 and 0.01: theta is not in the min
-        [0.0, 1.0, 1.0, 1.0 / 2.1],                     # I_ref = 0 zeroes; I_f = I_ref = 0 is not selected; 2 > 2 is not
+        [0.0, 1.0, 1.0, 1.0 / 2.1],  # I_ref = 0 zeroes; I_f = I_ref = 0 is not selected; 2 > 2 is not
         [5.0 / 8, -5.0 * 2 / 8, 0.5 * 3 / 8, 7.0],      # 8 > 8 is not selected
     ])
     expected_b = torch.tensor([1.0 / 3, -2.0, 3.0 * 0.1 / 9])
