@@ -233,6 +233,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir).expanduser()
     problems = runfolder.verify(run_dir)
+    if run_dir.is_dir():
+        problems += _cache_problems(run_dir)
     for line in problems:
         print(line)
     if problems:
@@ -241,6 +243,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{run_dir}: intact ({len(manifest['outputs'])} outputs match {runfolder.MANIFEST}; every "
           "checkpoint and scores file matches its name).")
     return 0
+
+
+def _cache_problems(run_dir: Path) -> list[str]:
+    """Task records under cache/ that the next run would refuse (and recompute): a foreign serializer
+    (a pickle), a body that does not match its digest, files they point at that changed."""
+    cache = run_dir / "cache"
+    records = [p for p in sorted(cache.iterdir()) if p.is_file() and not p.name.startswith(".")] \
+        if cache.is_dir() else []
+    if not records:
+        return []
+    _prefect_environment()
+    try:
+        from rumflow.tasks.records import check_record
+    except ImportError:
+        return []
+    import importlib
+
+    for module in ("rumflow.tasks.refs", "rumflow.tasks.service"):  # they register the record types
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    problems = []
+    for path in records:
+        try:
+            check_record(path.read_bytes(), run_dir.resolve())
+        except Exception as exc:  # CorruptRecord, or JSON that is not a record at all
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            problems.append(f"cache/{path.name} is not a valid task record ({reason}); the next run recomputes "
+                            "that task (or delete the file).")
+    return problems
 
 
 def cmd_memorization(args: argparse.Namespace) -> int:

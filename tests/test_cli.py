@@ -299,3 +299,66 @@ def test_sigterm_stops_a_real_run_promptly_and_leaves_no_process(tmp_path):
     assert _session(proc.pid) == [], "a child process survived"
     for pid, _ in children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_verify_refuses_planted_and_altered_task_records(capsys, finished, tmp_path):
+    """A cloudpickle record planted in cache/ is reported, never unpickled; a record whose JSON body was
+    altered no longer matches its digest."""
+    import base64
+    import pickle
+
+    records = pytest.importorskip("rumflow.tasks.records")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cache = finished / "cache"
+    cache.mkdir()
+    planted = {"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}, "storage_key": "x"},
+               "result": base64.b64encode(pickle.dumps(Payload())).decode()}
+    (cache / "planted").write_text(json.dumps(planted))
+    good = records.encode_result({"acc_forget": 0.7}).decode()
+    altered = good.replace("0.7", "0.9")
+    for name, result in (("good", good), ("altered", altered)):
+        body = {"metadata": {"serializer": {"type": records.SERIALIZER}, "storage_key": name}, "result": result}
+        (cache / name).write_text(json.dumps(body))
+    code, out, _ = run_cli(capsys, "verify", str(finished))
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 2, out
+    assert lines[0].startswith("cache/altered is not a valid task record")
+    assert lines[1].startswith("cache/planted is not a valid task record") and "pickle" in lines[1]
+    assert not marker.exists()
+
+
+TINY_SETS = ["train.epochs=2", "proxies=[confidence]", "forget.steps=1", "forget.per_tier=5", "seeds=[0]",
+             "rum.mid.method=finetune", "rum.mid.epochs=1", "rum.high.method=finetune", "rum.high.epochs=1",
+             "vanilla.method=finetune", "vanilla.epochs=1", "evaluate.mia=false"]
+
+
+def test_the_next_run_marks_a_killed_runs_flow_run_crashed(prefect_api, capsys, tmp_path):
+    """A run SIGKILLed in a folder leaves its lock and a flow run stuck in Running; the next `rumflow run`
+    there takes the stale lock over and marks that flow run Crashed."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="rumflow-killed-run")
+    def killed() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        stuck = client.create_flow_run(killed, state=Running())
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = {**runfolder._this_holder(DIGEST, "tiny").__dict__, "pid": int(dead.stdout), "flow_run_id": str(stuck.id)}
+    (run_dir / runfolder.LOCK).write_text(json.dumps(lock))
+    code, out, err = run_cli(capsys, "run", "--out", str(tmp_path), "--set", "name=tiny",
+                             *[a for s in TINY_SETS for a in ("--set", s)])
+    assert code == 0, err
+    assert "Results:" in out
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(stuck.id).state.type.value == "CRASHED"
+    assert not (run_dir / runfolder.LOCK).exists()
