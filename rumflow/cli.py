@@ -65,15 +65,14 @@ def _check_api() -> None:
                            "one.") from None
 
 
-def _run_flow(flow_fn, cfg, out: str, run_dir: Path) -> Path:
+def _run_flow(flow_fn, cfg, out: str, held) -> Path:
     """Run a flow; before returning, let the API record every task run's final state (the embedded
-    server stops with this process, and would drop the events still in flight). The flow run's id is
-    written into the run folder's lock as soon as it runs, so that a later run can mark it Crashed if
-    this process is killed."""
-    from rumflow.artifacts import runfolder
-
+    server stops with this process, and would drop the events still in flight). As soon as the flow
+    runs (the API is up), its id is written into the run folder's lock, so that a later run can mark it
+    Crashed if this process is killed, and the flow run of a killed earlier run is marked Crashed."""
     def record_id(flow, flow_run, state) -> None:
-        runfolder.set_flow_run(run_dir, str(flow_run.id))
+        held.set_flow_run(str(flow_run.id))
+        _mark_stale_run(held)
 
     flow_fn = flow_fn.with_options(on_running=[*flow_fn.on_running_hooks, record_id])
     state = flow_fn(cfg, out=out, return_state=True)
@@ -114,7 +113,7 @@ def _wait_for_records(flow_run_id, timeout: float = 30.0) -> None:
 
 def _mark_stale_run(held) -> None:
     """Mark the flow run of a killed earlier run in this folder Crashed (best effort: the API is up now)."""
-    if held.stale is None or not held.stale.flow_run_id:
+    if held.stale is None or not held.stale.flow_run_id or _STOPPING.is_set():
         return
     from rumflow.artifacts import runfolder
 
@@ -166,11 +165,7 @@ def _run_in_folder(args: argparse.Namespace, flow_name: str) -> Path:
         else:
             from rumflow.flows.memorization import memorization as flow_fn
         _task_log_level(args.verbose)
-        try:
-            run_dir = _run_flow(flow_fn, cfg, str(args.out), run_dir)
-        finally:
-            if not _STOPPING.is_set():
-                _mark_stale_run(held)
+        run_dir = _run_flow(flow_fn, cfg, str(args.out), held)
     return run_dir
 
 
