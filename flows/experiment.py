@@ -7,6 +7,7 @@ them to the row and table builders of rumflow.records.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,30 @@ def experiment(config: ExperimentConfig, out: str = "runs") -> str:
     run_dir = Path(out).expanduser().resolve() / cfg.name
     check_feasible(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with api_for_workers():
+        return _experiment(cfg, run_dir)
+
+
+@contextmanager
+def api_for_workers():
+    """Worker processes (process pool, Ray on this machine) report to this flow's API, the embedded
+    server included: they inherit PREFECT_API_URL for the duration of the flow."""
+    from prefect.settings import PREFECT_API_URL
+
+    before, url = os.environ.get("PREFECT_API_URL"), PREFECT_API_URL.value()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
+    """The body of the experiment flow (in its run context)."""
     log = get_run_logger()
     s = Submitter(cfg, run_dir)
     base = records.provenance(cfg)

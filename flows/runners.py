@@ -69,7 +69,7 @@ def task_runner(cfg: ExperimentConfig) -> Any:
     if runner.kind == "ray":
         from prefect_ray import RayTaskRunner
 
-        env |= {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "OMP_"))}
+        env |= {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "OMP_", "DO_NOT_TRACK"))}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
         if runner.address is None:

@@ -1,0 +1,45 @@
+"""The same config gives the same steps.parquet on every task runner: threads, processes, a real local
+Ray cluster (same checkpoint digests on CPU)."""
+import sys
+
+import pandas as pd
+import pytest
+from apihelpers import run_experiment, task_states
+
+from rumflow.config import validate_config
+from rumflow.errors import ConfigError
+from rumflow.flows.runners import check_runner, task_runner
+
+TIME = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "host", "efficient"}
+
+
+def comparable(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in df.columns if c in TIME])
+
+
+def test_threads_processes_and_ray_give_the_same_rows(prefect_api, tmp_path, tiny_config):
+    pytest.importorskip("prefect_ray")
+    config = {**tiny_config, "proxies": ["confidence"], "forget": {"steps": 1, "per_tier": 5}}
+    tables = {}
+    for kind in ("threads", "processes", "ray"):
+        run_dir, flow_id = run_experiment({**config, "runner": {"kind": kind, "workers": 2}}, tmp_path / kind)
+        states = task_states(flow_id)
+        assert states and all(state == "Completed" for _, state in states), (kind, states)
+        tables[kind] = comparable(pd.read_parquet(run_dir / "steps.parquet"))
+    pd.testing.assert_frame_equal(tables["processes"], tables["threads"])
+    pd.testing.assert_frame_equal(tables["ray"], tables["threads"])
+
+
+def test_a_runner_without_its_extra_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"):
+        check_runner(validate_config({"runner": {"kind": "ray"}}).runner)
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[dask\]'"):
+        task_runner(validate_config({"runner": {"kind": "dask"}}))
+
+
+def test_the_runner_is_not_part_of_the_config_digest():
+    a = validate_config({"runner": {"kind": "threads"}})
+    b = validate_config({"runner": {"kind": "ray", "workers": 4}})
+    assert a.digest() == b.digest()
