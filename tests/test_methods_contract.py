@@ -22,6 +22,9 @@ TINY = {"epochs": 2, "batch_size": 64}  # applied where the method has the field
 CHANGES_BEFORE_TRAINING = {"eu_k"}
 # Methods whose documented defaults update with BatchNorm in eval mode (none so far; name them here).
 EVAL_MODE_UPDATES: set[str] = set()
+# Methods whose inner search scores the model in eval mode with gradients on, by design (GLI's perturbation,
+# UNSIR's per-batch noise); tests/test_methods_seed001.py checks that their update steps run in train mode.
+EVAL_MODE_SEARCH = {"gli", "unsir_instance"}
 # One-shot methods that edit the weights without any forward pass of their own (seed 003's SSD, Fisher).
 NO_FORWARD_PASS = {"ssd", "ssd_retain", "fisher_prune_naive", "fisher_forgetting"}
 
@@ -180,7 +183,8 @@ def test_train_mode_for_updates_and_eval_mode_on_return(name, tiny):
     if name in EVAL_MODE_UPDATES | NO_FORWARD_PASS or out is not given:
         return
     assert seen, f"{name}: no gradient-enabled forward pass through the given model"
-    assert all(seen), f"{name}: {seen.count(False)} of {len(seen)} BatchNorm calls with grad ran in eval mode"
+    assert all(seen) or (name in EVAL_MODE_SEARCH and any(seen)), \
+        f"{name}: {seen.count(False)} of {len(seen)} BatchNorm calls with grad ran in eval mode"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -193,8 +197,8 @@ def test_reproducible(name, tiny):
 @pytest.mark.parametrize("name", SGD_METHODS)
 def test_different_seeds_differ(name, tiny):
     """Every SGD method is stochastic through its shuffling (small batches so each set has several)."""
-    _, a, _ = run(name, tiny, seed=1, batch_size=8, epochs=1)
-    _, b, _ = run(name, tiny, seed=2, batch_size=8, epochs=1)
+    _, a, _ = run(name, tiny, seed=1, batch_size=16, epochs=1)
+    _, b, _ = run(name, tiny, seed=2, batch_size=16, epochs=1)
     assert not same(a.state_dict(), b.state_dict()), f"{name}: seeds 1 and 2 gave the same weights"
 
 
