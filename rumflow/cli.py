@@ -76,8 +76,41 @@ def _run_flow(flow_fn, cfg, out: str, held) -> Path:
 
     flow_fn = flow_fn.with_options(on_running=[*flow_fn.on_running_hooks, record_id])
     state = flow_fn(cfg, out=out, return_state=True)
-    _wait_for_records(state.state_details.flow_run_id)
+    # a failed run leaves task runs that never become final (NotReady): do not wait the whole timeout
+    _wait_for_records(state.state_details.flow_run_id, timeout=30.0 if state.is_completed() else 3.0)
     return Path(state.result())
+
+
+def _is_user_error(exc: BaseException | None) -> bool:
+    """An error that is told in one sentence (a RumflowError, a full disk, a read-only folder)."""
+    from rumflow.artifacts.tables import write_error
+
+    return isinstance(exc, RumflowError) or (isinstance(exc, OSError) and write_error(exc) is not None)
+
+
+class _OneSentence(logging.Filter):
+    """On the console, a task or flow that failed with a user error is logged without its traceback
+    (the error's sentence ends the output; the API, and so the UI, still gets the traceback)."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _is_user_error(exc):
+            return True
+        # a copy: the same record object may still reach other handlers
+        self.handler.handle(logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None}))
+        return False
+
+
+def _quiet_user_tracebacks() -> None:
+    """Add _OneSentence to the console handlers Prefect configured (on the root logger)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _OneSentence)
+                                                                  for f in handler.filters):
+            handler.addFilter(_OneSentence(handler))
 
 
 def _wait_for_records(flow_run_id, timeout: float = 30.0) -> None:
@@ -165,6 +198,7 @@ def _run_in_folder(args: argparse.Namespace, flow_name: str) -> Path:
         else:
             from rumflow.flows.memorization import memorization as flow_fn
         _task_log_level(args.verbose)
+        _quiet_user_tracebacks()
         run_dir = _run_flow(flow_fn, cfg, str(args.out), held)
     return run_dir
 
