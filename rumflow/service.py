@@ -305,6 +305,26 @@ def gate_failure(verdicts: list[dict[str, Any]]) -> str | None:
     return "the new version missed " + "; ".join(parts) + "; it is kept but not promoted."
 
 
+def load_weights(path: Path, sha256: str) -> dict[str, Any]:
+    """A state dict from `path`, after checking that its content matches `sha256` (CheckpointError)."""
+    import torch
+
+    from rumflow.artifacts.checkpoints import state_digest
+    from rumflow.errors import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing; re-run the same command to recompute it.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it and "
+                              "re-run the same command to recompute it.") from exc
+    if state_digest(state) != sha256:
+        raise CheckpointError(f"checkpoint {path} does not match its sha256 {sha256[:12]}; delete it and re-run "
+                              "the same command to recompute it.")
+    return state
+
+
 def unlearn_seed(seed: int, step: int, tier: str) -> int:
     """A distinct, reproducible seed for each tier's unlearning call of each step."""
     from rumflow.planning import TIERS

@@ -237,13 +237,12 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from rumflow.artifacts.checkpoints import CheckpointRef, CheckpointStore, atomic_write_bytes
+    from rumflow.artifacts.checkpoints import atomic_write_bytes
+    from rumflow.service import load_weights
 
     folder = _open(args)
     row = folder.ledger.version(args.version)
-    path = folder.model_path(row["sha256"])
-    state = CheckpointStore.load_state(CheckpointRef(sha256=row["sha256"], path=str(path),
-                                                     size=path.stat().st_size if path.is_file() else -1))
+    state = load_weights(folder.model_path(row["sha256"]), row["sha256"])
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(Path(args.path), buf.getvalue())

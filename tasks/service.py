@@ -19,15 +19,14 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from rumflow.artifacts.checkpoints import CheckpointStore, state_digest
+from rumflow.artifacts.checkpoints import CheckpointStore
 from rumflow.artifacts.tables import write_parquet
-from rumflow.errors import CheckpointError
 from rumflow.config import DataConfig, EvaluateConfig, HoldoutConfig, MethodSpec, ModelConfig, TrainConfig
 from rumflow.errors import ConfigError
 from rumflow.methods import UnlearnContext, run_method
 from rumflow.planning import StepPlan
 from rumflow.runtime import augments, dataset_on, fresh_model, model_from_state, recipe
-from rumflow.service import EvaluateSettings
+from rumflow.service import EvaluateSettings, load_weights
 from rumflow.tasks import caching
 from rumflow.training import predict, resolve_device, sync, train_model
 
@@ -91,19 +90,7 @@ def model_file(sha256: str, base: Path | None = None) -> Path:
     return (base or root()) / "models" / f"{sha256}.pt"
 
 
-def load_file(path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """A state dict from `path`, after checking that its content matches `sha256`."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is missing; re-run the same command to recompute it.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete it and "
-                              "re-run the same command to recompute it.") from exc
-    if state_digest(state) != sha256:
-        raise CheckpointError(f"checkpoint {path} does not match its sha256 {sha256[:12]}; delete it and re-run "
-                              "the same command to recompute it.")
-    return state
+load_file = load_weights  # the verified loader lives in the core (the CLI exports without Prefect)
 
 
 def load_state(sha256: str) -> dict[str, torch.Tensor]:

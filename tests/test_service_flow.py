@@ -136,6 +136,10 @@ def test_sigkill_in_the_middle_of_a_step_then_the_next_run_completes_it_once(pre
     assert f.ledger.rows() == [], "the step finished before it was killed"
     assert {r["state"] for r in f.ledger.requests()} == {"running"}  # nothing lost: the step is open
 
+    moved = tmp_path / "moved" / "svc"  # the folder can move: no task input holds an absolute path
+    moved.parent.mkdir()
+    root.rename(moved)
+    root, f = moved, folder(moved)
     result, run_id = step(root)
     assert result["status"] == "done" and result["requests"] == ["r1", "r2"]
     rows = f.ledger.rows()
@@ -161,3 +165,35 @@ def test_two_runs_started_at_once_do_not_fork_the_chain(prefect_api, tmp_path):
     rows = f.ledger.rows()
     assert sorted(r["request_id"] for r in rows) == ["r1", "r2"]
     assert [r["parent_version"] for r in rows] == [0, 1]
+
+
+def test_audit_ledger_export_and_model_export(prefect_api, tmp_path, capsys):
+    import pandas as pd
+    import torch
+
+    from rumflow.cli import main
+    from rumflow.flows.service import service_audit
+
+    root = make_service(tmp_path / "svc", audit={"every": 1})
+    train = folder(root).train_ids()
+    add(root, train[:12])
+    result, _ = step(root)
+    assert result["status"] == "done" and result["audit"]["version"] == 1  # audit.every: 1
+    audit = service_audit(str(root))  # and on demand
+    (first, second) = folder(root).ledger.audits()
+    assert first["reference_sha256"] == second["reference_sha256"]  # the retrain reference is cached
+    assert 0 < audit["tow"] <= 1 and 0 < audit["tow_mia"] <= 1 and first["n_forgotten"] == 12
+    assert main(["ledger", "--service", str(root), "--format", "csv", "--out", str(tmp_path / "l.csv")]) == 0
+    table = pd.read_csv(tmp_path / "l.csv")
+    assert list(table["request_id"]) == ["r1"] and table["gate_forget_alpha"].tolist() == [True]
+    assert {"acc_forget", "acc_retain_prev", "sha256", "parent_sha256", "flow_run_id", "tier_high"} <= set(table)
+    assert pd.read_csv(tmp_path / "l-audits.csv")["tow"].notna().all()
+    assert main(["ledger", "--service", str(root)]) == 0
+    assert "r1" in capsys.readouterr().out
+    assert main(["model", "export", "--service", str(root), "--version", "1", str(tmp_path / "v1.pt")]) == 0
+    state = torch.load(tmp_path / "v1.pt", weights_only=True)
+    from rumflow.artifacts.checkpoints import state_digest
+
+    assert state_digest(state) == folder(root).ledger.current()[1]
+    assert main(["model", "export", "--service", str(root), "--version", "9", str(tmp_path / "v9.pt")]) == 2
+    assert "no version 9; versions run from 0 to 1" in capsys.readouterr().err
