@@ -1,0 +1,227 @@
+"""Prefect's overhead: the experiment's work through the flow vs the same task functions in a plain loop.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/overhead.py [--quick] [--repeats N] [--set KEY=VALUE ...]
+
+Both arms run in this one process, each in a fresh run folder, on the same grid (printed first):
+  flow: the experiment flow (`configured(cfg)`) on the threads runner with ONE worker, so that both arms
+        do the work one task at a time with the same torch threads; the embedded Prefect server is
+        started (and timed) before, by a trivial flow, so neither arm pays for it;
+  loop: every task the flow submits, in the same order, called as `task.fn(...)` (no Prefect: no task
+        engine, no cache lookups, no result records, no API calls), then the same rows, Parquet files,
+        report and manifest.
+It prints both wall times and flow / loop (the goal is at most 1.03), and checks that both arms wrote the
+same steps.parquet except the timing columns (so the loop really did the flow's work).
+Default grid: the default experiment (`rumflow run` with no config). --quick: one seed, two proxies
+(confidence, holdout_retraining), two steps, 10 training epochs (a few minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_HOME = tempfile.mkdtemp(prefix="rumflow-bench-prefect-")
+# Prefect reads its settings at import: isolate them before anything imports it.
+os.environ.setdefault("PREFECT_HOME", BENCH_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pandas as pd  # noqa: E402
+
+from rumflow.config import ExperimentConfig, apply_override, validate_config  # noqa: E402
+
+QUICK = ["seeds=[0]", "proxies=[confidence,holdout_retraining]", "forget.steps=2", "train.epochs=10"]
+TIME = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "host", "efficient"}
+
+
+def bench_config(quick: bool, overrides: list[str], **runner: Any) -> ExperimentConfig:
+    """The benchmark's grid: the default experiment, or the --quick one, plus --set overrides."""
+    data: dict[str, Any] = {"name": "bench", "device": "cpu"}
+    for assignment in (QUICK if quick else []) + overrides:
+        apply_override(data, assignment)
+    data["runner"] = {"kind": "threads", **runner}
+    return validate_config(data)
+
+
+def describe(cfg: ExperimentConfig) -> str:
+    """One line saying what the grid runs."""
+    rum = "/".join(getattr(cfg.rum, t).method for t in ("low", "mid", "high"))
+    return (f"seeds {cfg.seeds}; proxies {cfg.proxies}; {cfg.forget.steps} steps x {cfg.forget.per_tier} per tier; "
+            f"train {cfg.train.epochs} epochs; RUM {rum}; vanilla {cfg.vanilla.method}; "
+            f"memorization {'on' if cfg.memorization.estimate or 'memorization' in cfg.proxies else 'off'}; "
+            f"forgetting quality N={cfg.evaluate.forgetting_quality.models}; device {cfg.device}")
+
+
+def warm_server() -> float:
+    """Start the embedded Prefect server (a trivial flow run); its seconds."""
+    from prefect import flow
+
+    @flow(name="rumflow-bench-warmup")
+    def warmup() -> int:
+        return 1
+
+    start = time.perf_counter()
+    warmup()
+    return time.perf_counter() - start
+
+
+def run_flow(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
+    """The experiment flow on cfg's runner; (wall seconds, run folder)."""
+    from rumflow.flows.experiment import configured
+
+    start = time.perf_counter()
+    state = configured(cfg)(cfg, out=str(out), return_state=True)
+    seconds = time.perf_counter() - start
+    if not state.is_completed():
+        raise SystemExit(f"the flow did not complete: {state}")
+    return seconds, Path(state.result())
+
+
+class Done:
+    """A finished call, shaped like the PrefectFuture the flow's helpers read (.result(), .state.name)."""
+
+    class _State:
+        name = "Completed"
+
+    state = _State()
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _plain(value: Any) -> Any:
+    """A task argument with Done values unwrapped (lists too: forgetting quality takes lists of models)."""
+    if isinstance(value, Done):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def loop_submitter(cfg: ExperimentConfig, run_dir: Path):
+    """The flow's Submitter, but each 'submit' calls the plain task function at once (no Prefect)."""
+    from rumflow.flows.experiment import Submitter
+    from rumflow.tasks.work import (evaluate_task, forgetting_quality_task, memorization_task, plan_task,
+                                    prepare_task, proxy_task, train_task, unlearn_task)
+
+    class Loop(Submitter):
+        def __init__(self) -> None:  # no result storage block, no API
+            self.cfg, self.workdir, self.futures = cfg, str(run_dir), []
+            self.tasks = {t.name: t for t in (train_task, proxy_task, memorization_task, plan_task, prepare_task,
+                                              unlearn_task, evaluate_task, forgetting_quality_task)}
+
+        def submit(self, name: str, label: str, tagged: dict[str, Any], **params: Any) -> Done:
+            done = Done(self.tasks[name].fn(**{k: _plain(v) for k, v in params.items()}, label=label))
+            self.futures.append(done)
+            return done
+
+    return Loop()
+
+
+def run_loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
+    """The flow's work as plain calls, in the flow's submission order, then its outputs; (seconds, folder)."""
+    from rumflow import records
+    from rumflow.artifacts import runfolder
+    from rumflow.artifacts.report import build_report
+    from rumflow.config import dump_config
+    from rumflow.flows import experiment as ex
+    from rumflow.proxies.registry import PROXIES
+    from rumflow.runtime import check_feasible, dataset_on
+
+    start = time.perf_counter()
+    run_dir = out.expanduser().resolve() / cfg.name
+    check_feasible(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with runfolder.hold(run_dir, cfg.digest(), cfg.name):
+        runfolder.mark_incomplete(run_dir)
+        s, base = loop_submitter(cfg, run_dir), records.provenance(cfg)
+        # the same calls as flows/experiment.py::_experiment, in the same order
+        truth = None
+        if cfg.memorization.estimate or "memorization" in cfg.proxies:
+            truth = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
+                             train=cfg.train, memorization=cfg.memorization, device=cfg.device, workdir=s.workdir)
+        originals, scores = {}, {}
+        for seed in cfg.seeds:
+            originals[seed] = s.train(seed, None, f"s{seed}/original", {}, events=True)
+            scores[seed] = {p: (truth if PROXIES[p].source == "memorization" else
+                                s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}", {}))
+                            for p in cfg.proxies}
+        chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
+                              "scores": scores[seed][p], "recomputed": []}
+                  for seed in cfg.seeds for p in cfg.proxies}
+        steps = [ex.submit_chain_step(s, seed, p, k, chain, originals[seed])
+                 for k in range(1, cfg.forget.steps + 1) for (seed, p), chain in chains.items()]
+        fq = []
+        if cfg.evaluate.forgetting_quality.models:
+            first = cfg.seeds[0]
+            fq = ex.submit_forgetting_quality(s, first, originals,
+                                              {p: chains[(first, p)]["plans"][0] for p in cfg.proxies})
+        n_train = len(dataset_on(cfg.data, cfg.device).train)
+        rows = [row for step in steps for row in ex.build_rows(cfg, base, step, n_train)]
+        outputs = ex.write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
+        outputs += build_report(run_dir)
+        runfolder.finish(run_dir, dump_config(cfg), outputs, cfg.digest())
+    return time.perf_counter() - start, run_dir
+
+
+def same_rows(a: Path, b: Path) -> int:
+    """Assert both run folders hold the same steps.parquet except timings; the number of rows."""
+    da, db = pd.read_parquet(a / "steps.parquet"), pd.read_parquet(b / "steps.parquet")
+    keep = [c for c in da.columns if c not in TIME]
+    pd.testing.assert_frame_equal(da[keep], db[keep])
+    return len(da)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a reduced grid: " + ", ".join(QUICK))
+    ap.add_argument("--repeats", type=int, default=1, help="flow/loop pairs, alternating which goes first")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the grid")
+    ap.add_argument("--out", default=None, help="parent of the run folders (default: a temporary folder)")
+    args = ap.parse_args()
+
+    import torch
+
+    from rumflow.flows.runners import cores, torch_threads_per_worker
+
+    cfg = bench_config(args.quick, args.set, workers=1)
+    threads = torch_threads_per_worker(cfg.runner, cfg.device)
+    print(f"grid: {describe(cfg)}")
+    print(f"cores {cores()}; torch threads {threads} in both arms; flow runner threads x 1 worker; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"embedded Prefect server start (not counted): {warm_server():.1f} s", flush=True)
+    root = Path(args.out or tempfile.mkdtemp(prefix="rumflow-bench-overhead-"))
+    ratios = []
+    for r in range(args.repeats):
+        times: dict[str, float] = {}
+        folders: dict[str, Path] = {}
+        for arm in (("flow", "loop") if r % 2 == 0 else ("loop", "flow")):
+            os.environ["RUMFLOW_TORCH_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+            fn = run_flow if arm == "flow" else run_loop
+            times[arm], folders[arm] = fn(cfg, root / f"{arm}-{r}")
+            print(f"  repeat {r + 1} {arm}: {times[arm]:.1f} s", flush=True)
+        n = same_rows(folders["flow"], folders["loop"])
+        ratios.append(times["flow"] / times["loop"])
+        print(f"repeat {r + 1}: flow {times['flow']:.1f} s | loop {times['loop']:.1f} s | flow/loop "
+              f"{ratios[-1]:.3f} | steps.parquet equal ({n} rows, timings aside) | load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+    verdict = "meets" if statistics.median(ratios) <= 1.03 else "misses"
+    print(f"median flow/loop {statistics.median(ratios):.3f} over {len(ratios)} repeat(s) ({verdict} the goal "
+          f"<= 1.03); run folders under {root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
