@@ -175,3 +175,34 @@ def plot_proxy_histograms(scores: dict[str, np.ndarray], path: Path) -> Path:
     axes[0, 0].set_ylabel("training examples")
     fig.suptitle("Memorization proxy scores")
     return _save(fig, path)
+
+
+def plot_frontier(sweep: pd.DataFrame, path: Path, max_rte: float) -> Path:
+    """ToW and ToW-MIA of every selection trial against its step's RTE (sweep.parquet): one colour per
+    method combination, circles RUM and squares vanilla, the selected trials ringed, the cost cap dashed."""
+    fig = Figure(figsize=(MIN_WIDTH + 3.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    ok = sweep[np.isfinite(sweep["rte_step_max"].to_numpy(dtype=float))]
+    labels = list(dict.fromkeys(f"{s}: {m}" for s, m in zip(ok["strategy"], ok["label"])))
+    colors = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    marks = {"rum": "o", "vanilla": "s"}
+    for ax, metric, name in zip(axes, ("tow", "tow_mia"), ("ToW", "ToW-MIA")):
+        for lab in labels:
+            strategy, method = lab.split(": ", 1)
+            g = ok[(ok["strategy"] == strategy) & (ok["label"] == method)]
+            ax.scatter(g["rte_step_max"], g[metric], color=colors[lab], marker=marks.get(strategy, "^"), s=30,
+                       label=lab, alpha=0.85)
+        chosen = ok[ok["selected"]]
+        ax.scatter(chosen["rte_step_max"], chosen[metric], s=180, facecolors="none", edgecolors="black",
+                   linewidths=1.6, label="selected")
+        ax.axvline(max_rte, color="#333333", linestyle="--", linewidth=1, label=f"cap RTE = {max_rte:g}")
+        ax.set_xlabel("RTE of the step (unlearning s / retrain s)")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    handles: dict = {}
+    for hdl, lab in zip(*axes[0].get_legend_handles_labels()):
+        handles.setdefault(lab, hdl)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right center", frameon=False,
+               fontsize="small")
+    fig.suptitle("Selection frontier on the validation requests")
+    return _save(fig, path)

@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Other command groups register themselves here (one line each).
     from rumflow.service_cli import add_commands; add_commands(sub)  # noqa: E702 (service commands, issue 10)
+    from rumflow.select_cli import add_commands as add_select; add_select(sub)  # noqa: E702 (issue 13)
     return parser
 
 
