@@ -121,6 +121,8 @@ def create_folder(cfg: ServiceConfig, root: Path) -> Path:
             raise ConfigError(f"'{root}' already holds a service; choose another --dir or remove it.")
         return root
     ids = dataset_on(cfg.data, "cpu").train.ids()  # the data loads before anything is written
+    if cfg.version0.source == "experiment":  # and the experiment's model is the right one and intact
+        experiment_original(Path(cfg.version0.run), cfg.version0.seed, cfg.data, cfg.model)
     root.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, ids)

@@ -197,3 +197,23 @@ def test_audit_ledger_export_and_model_export(prefect_api, tmp_path, capsys):
     assert state_digest(state) == folder(root).ledger.current()[1]
     assert main(["model", "export", "--service", str(root), "--version", "9", str(tmp_path / "v9.pt")]) == 2
     assert "no version 9; versions run from 0 to 1" in capsys.readouterr().err
+
+
+def test_version0_from_a_finished_experiment(prefect_api, tmp_path, tiny_config):
+    import pandas as pd
+    from apihelpers import run_experiment
+
+    from rumflow.errors import ConfigError
+
+    config = {**tiny_config, "proxies": ["confidence"], "forget": {"steps": 1, "per_tier": 5}}
+    run_dir, _ = run_experiment(config, tmp_path / "runs")
+    steps = pd.read_parquet(run_dir / "steps.parquet")
+    original = steps.loc[(steps["strategy"] == "original") & (steps["seed"] == 0), "checkpoint"].iloc[0]
+    root = make_service(tmp_path / "svc", version0={"source": "experiment", "run": str(run_dir), "seed": 0})
+    f = folder(root)
+    assert f.ledger.current() == (0, original) and f.ledger.version(0)["origin"].startswith("experiment ")
+    with pytest.raises(ConfigError, match="has no seed 5; set version0.seed to one of \\[0\\]"):
+        make_service(tmp_path / "svc5", version0={"source": "experiment", "run": str(run_dir), "seed": 5})
+    with pytest.raises(ConfigError, match="not the service's digits / small_cnn \\(split seed 1\\); make the service"):
+        make_service(tmp_path / "svc6", data={"split_seed": 1},
+                     version0={"source": "experiment", "run": str(run_dir), "seed": 0})
