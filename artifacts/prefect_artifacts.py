@@ -84,7 +84,18 @@ def publish_step_table(key_prefix: str, seed: int, proxy: str, step: int, rows: 
         description=f"seed {seed}, proxy {proxy}, step {step}; {origin}", _sync=True)
 
 
-def publish_summary(key_prefix: str, markdown: str) -> UUID:
-    """Publish the run's Markdown summary under key `<key_prefix>-summary`."""
-    return create_markdown_artifact(markdown=markdown, key=artifact_key(key_prefix, "summary"),
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
+
+
+def without_local_images(markdown: str, run_dir: str | None = None) -> str:
+    """The summary for the UI: the UI cannot load the run folder's PNGs (they would show as broken
+    images), so each becomes a line naming its file."""
+    where = f"{run_dir}/" if run_dir else ""
+    return _IMAGE.sub(lambda m: f"*Figure ({m.group(1) or 'plot'}): `{where}{m.group(2)}`*", markdown)
+
+
+def publish_summary(key_prefix: str, markdown: str, run_dir: str | None = None) -> UUID:
+    """Publish the run's Markdown summary under key `<key_prefix>-summary` (figures named, not embedded)."""
+    return create_markdown_artifact(markdown=without_local_images(markdown, run_dir),
+                                    key=artifact_key(key_prefix, "summary"),
                                     description=f"summary of run {key_prefix}", _sync=True)

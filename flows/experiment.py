@@ -21,7 +21,8 @@ from rumflow.artifacts.prefect_artifacts import (advance_progress, artifact_key,
                                                  publish_summary, start_progress)
 from rumflow.artifacts.report import build_report
 from rumflow.artifacts.tables import write_parquet
-from rumflow.config import ExperimentConfig, MethodSpec, validate_config
+from rumflow.artifacts import runfolder
+from rumflow.config import ExperimentConfig, MethodSpec, dump_config, validate_config
 from rumflow.flows.runners import gpu_slot, task_runner, torch_threads_per_worker
 from rumflow.methods.registry import get_method
 from rumflow.metrics import add_derived_columns, tow
@@ -231,7 +232,8 @@ def submit_forgetting_quality(s: Submitter, seed: int, originals: dict[int, Pref
                                       f"{where}/{strategy}-{i}/{stage}/{spec.method}", tagged)
                 models.append(model)
             fq = s.submit("forgetting-quality", f"{where}/{strategy}", tagged, unlearned=models, retrained=retrained,
-                          plan=plan, data=cfg.data, model=cfg.model, device=cfg.device, workdir=s.workdir)
+                          plan=plan, data=cfg.data, model=cfg.model, quality=cfg.evaluate.forgetting_quality,
+                          device=cfg.device, workdir=s.workdir)
             out.append((proxy, strategy, fq))
     return out
 
@@ -243,7 +245,8 @@ def experiment(config: ExperimentConfig, out: str = "runs") -> str:
     run_dir = Path(out).expanduser().resolve() / cfg.name
     check_feasible(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with api_for_workers():
+    with runfolder.hold(run_dir, cfg.digest(), cfg.name), api_for_workers():
+        runfolder.mark_incomplete(run_dir)  # until finish() writes the manifest, the folder says so
         return _experiment(cfg, run_dir)
 
 
@@ -298,9 +301,10 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
 
     n_train = len(dataset_on(cfg.data, cfg.device).train)
     rows = consume(cfg, s, steps, base, key, n_train, log)
-    write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
-    build_report(run_dir)
-    publish_summary(key, (run_dir / "summary.md").read_text())
+    outputs = write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
+    outputs += build_report(run_dir)
+    runfolder.finish(run_dir, dump_config(cfg), outputs, cfg.digest())  # config.yaml, then the manifest last
+    publish_summary(key, (run_dir / "summary.md").read_text(), str(run_dir))
     return str(run_dir)
 
 
@@ -341,9 +345,9 @@ def consume(cfg: ExperimentConfig, s: Submitter, steps: list[Step], base: dict[s
 def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], rows: list[dict[str, Any]],
                   originals: dict[int, PrefectFuture], scores: dict[int, dict[str, PrefectFuture]],
                   chains: dict[tuple[int, str], dict[str, Any]], truth: PrefectFuture | None,
-                  fq: list[tuple[str, str, PrefectFuture]]) -> None:
-    """steps.parquet, examples.parquet, proxies.parquet (and forgetting_quality.parquet)."""
-    write_parquet(records.steps_table(rows, cfg.proxies), run_dir / "steps.parquet")
+                  fq: list[tuple[str, str, PrefectFuture]]) -> list[Path]:
+    """steps.parquet, examples.parquet, proxies.parquet (and forgetting_quality.parquet); their paths."""
+    written = [write_parquet(records.steps_table(rows, cfg.proxies), run_dir / "steps.parquet")]
     train = dataset_on(cfg.data, cfg.device).train
     blocks = [records.scores_block(seed, 0, {p: f.result().load(run_dir) for p, f in scores[seed].items()})
               for seed in cfg.seeds]
@@ -352,19 +356,19 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], ro
         blocks += [records.scores_block(seed, k, {p: f.result().load(run_dir)}) for k, f in chain["recomputed"]]
         for plan in chain["plans"]:
             marks += records.forgotten_marks(seed, p, plan.result())
-    write_parquet(records.examples_table(base, cfg.proxies, train.ids(), train.y.cpu().numpy(), blocks, marks),
-                  run_dir / "examples.parquet")
+    written.append(write_parquet(records.examples_table(base, cfg.proxies, train.ids(), train.y.cpu().numpy(),
+                                                        blocks, marks), run_dir / "examples.parquet"))
     quality = {seed: {p: (f.result().load(run_dir), f.result().seconds) for p, f in by.items()}
                for seed, by in scores.items()}
-    write_parquet(records.proxies_table(base, cfg.forget.per_tier, train.ids(),
-                                        truth.result().load(run_dir) if truth is not None else None, quality,
-                                        {seed: f.result().seconds for seed, f in originals.items()}),
-                  run_dir / "proxies.parquet")
+    written.append(write_parquet(records.proxies_table(
+        base, cfg.forget.per_tier, train.ids(), truth.result().load(run_dir) if truth is not None else None,
+        quality, {seed: f.result().seconds for seed, f in originals.items()}), run_dir / "proxies.parquet"))
     if fq:
         n = cfg.evaluate.forgetting_quality.models
         table = pd.DataFrame([records.forgetting_quality_row(base=base, seed=cfg.seeds[0], proxy=p, strategy=st,
                                                              models=n, result=f.result()) for p, st, f in fq])
-        write_parquet(table, run_dir / "forgetting_quality.parquet")
+        written.append(write_parquet(table, run_dir / "forgetting_quality.parquet"))
+    return written
 
 
 def configured(cfg: ExperimentConfig):

@@ -8,7 +8,8 @@ from prefect import flow, get_run_logger
 
 from rumflow import records
 from rumflow.artifacts.tables import write_parquet
-from rumflow.config import ExperimentConfig, validate_config
+from rumflow.artifacts import runfolder
+from rumflow.config import ExperimentConfig, dump_config, validate_config
 from rumflow.flows.experiment import Submitter
 from rumflow.runtime import check_feasible, dataset_on
 
@@ -20,6 +21,15 @@ def memorization(config: ExperimentConfig, out: str = "runs") -> str:
     check_feasible(cfg)
     run_dir = Path(out).expanduser().resolve() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    with runfolder.hold(run_dir, cfg.digest(), cfg.name):
+        runfolder.mark_incomplete(run_dir)
+        written = _memorization(cfg, run_dir)
+        runfolder.finish(run_dir, dump_config(cfg), written, cfg.digest())
+    return str(run_dir)
+
+
+def _memorization(cfg: ExperimentConfig, run_dir: Path) -> list[Path]:
+    """The memorization flow's work; returns the files it wrote."""
     s = Submitter(cfg, run_dir)
     seed = cfg.seeds[0]
     truth_f = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
@@ -34,8 +44,7 @@ def memorization(config: ExperimentConfig, out: str = "runs") -> str:
     train = dataset_on(cfg.data, cfg.device).train
     labels = pd.DataFrame({"example_id": train.ids(), "label": train.y.cpu().numpy()})
     table = labels.merge(truth.load(run_dir).rename(columns={"score": "memorization"}), on="example_id")
-    write_parquet(table, run_dir / "memorization.parquet")
     base = records.provenance(cfg)
-    write_parquet(records.proxies_table(base, cfg.forget.per_tier, train.ids(), truth.load(run_dir),
-                                        {seed: scores}, {seed: original.seconds}), run_dir / "proxies.parquet")
-    return str(run_dir)
+    return [write_parquet(table, run_dir / "memorization.parquet"),
+            write_parquet(records.proxies_table(base, cfg.forget.per_tier, train.ids(), truth.load(run_dir),
+                                                {seed: scores}, {seed: original.seconds}), run_dir / "proxies.parquet")]

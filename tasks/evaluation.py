@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rumflow.config import DataConfig, EvaluateConfig, ModelConfig
+from rumflow.config import DataConfig, EvaluateConfig, ForgettingQualityConfig, ModelConfig
 from rumflow.planning import StepPlan, plan_step
 from rumflow.proxies.registry import PROXIES, memorization_of
 from rumflow.runtime import dataset_on, model_from_state
@@ -39,7 +39,8 @@ def evaluate_task(trained: Model, plan: StepPlan, data: DataConfig, model: Model
 
 @cached_task("forgetting-quality", run_name="forgetting-quality {label}", code=DATA + MODELS + STORE + EVALUATION)
 def forgetting_quality_task(unlearned: list[Model], retrained: list[Model], plan: StepPlan, data: DataConfig,
-                            model: ModelConfig, device: str, workdir: str, label: str = "") -> dict[str, Any]:
+                            model: ModelConfig, quality: ForgettingQualityConfig, device: str, workdir: str,
+                            label: str = "") -> dict[str, Any]:
     """Forgetting quality F and the challenge's final score from N unlearned and N retrained models."""
     from rumflow.evaluation import forgetting_quality_of
 
@@ -47,4 +48,4 @@ def forgetting_quality_task(unlearned: list[Model], retrained: list[Model], plan
     ds = dataset_on(data, device)
     runs = store(workdir)
     load = lambda m: model_from_state(model, ds, runs.load_state(m.ckpt))  # noqa: E731
-    return forgetting_quality_of([load(m) for m in unlearned], [load(m) for m in retrained], ds, plan)
+    return forgetting_quality_of([load(m) for m in unlearned], [load(m) for m in retrained], ds, plan, quality)

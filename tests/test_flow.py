@@ -14,7 +14,7 @@ import yaml
 from apihelpers import read_artifacts, run_experiment, task_states
 
 
-TIME_COLUMNS = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "host"}
+TIME_COLUMNS = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "efficient", "host"}
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:

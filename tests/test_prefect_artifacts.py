@@ -48,7 +48,8 @@ def test_publish_through_real_prefect(prefect_api):
         advance_progress(pid, 1, 4)
         advance_progress(pid, 3, 4)
         tid = publish_step_table(run, 0, "Learning_Events", 1, rows)
-        sid = publish_summary(run, "# summary\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+        sid = publish_summary(run, "# summary\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![ToW](figures/tow.png)\n",
+                              "/runs/demo")
         return {"progress": pid, "table": tid, "summary": sid, "flow_run": flow_run.id}
 
     ids = tiny("Demo_Run")
@@ -60,11 +61,13 @@ def test_publish_through_real_prefect(prefect_api):
     assert str(table.flow_run_id) == str(ids["flow_run"])
     data = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["strategy"] for r in data] == ["rum", "retrain"]
-    assert data[0]["acc_test"] == pytest.approx(0.5) and data[0]["n_forget"] == 30 and data[0]["final"] is True
+    assert data[0]["acc_test"] == pytest.approx(0.5) and list(data[0]) == ["strategy", "stage", "acc_test", "tow"]
+    assert data[0]["tow"] == 0.91  # metrics first, rounded; the rest of a row is provenance
     assert data[1]["tow"] is None  # NaN is published as a missing cell
 
     (summary,) = read_artifacts("demo-run-summary")
     assert summary.type == "markdown" and summary.data.startswith("# summary")
+    assert "![" not in summary.data and "/runs/demo/figures/tow.png" in summary.data  # no broken images
 
     (progress,) = read_artifacts(artifact_id=ids["progress"])
     assert progress.key == "demo-run-s0-progress" and progress.type == "progress"
