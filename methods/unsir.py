@@ -22,15 +22,18 @@ Stage = Literal["impair", "repair"]
 class UnsirParams(MethodParams):
     lr: float = Field(0.02, gt=0, description="impair learning rate (the paper: Adam 0.02)")
     repair_lr: float = Field(0.01, gt=0, description="repair learning rate (the paper: Adam 0.01)")
-    epochs: int = Field(1, ge=0, description="rounds of one impair pass then one repair pass")
+    epochs: int = Field(1, ge=0, description="rounds of one impair pass then repair_epochs repair passes")
+    repair_epochs: int = Field(1, ge=0, description="repair passes over the retain subset per round (the paper: 1)")
     optimizer: OptimizerName = Field("adam", description="optimizer of both model phases (the paper: adam)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay of the model's optimizer")
     noise_batch: int = Field(256, ge=1, description="noise images per forget class (all kept: the paper's "
                              "loop keeps only 3, one per channel)")
     noise_lr: float = Field(0.1, gt=0, description="Adam learning rate of the noise")
-    noise_steps: int = Field(40, ge=0, description="Adam steps on each class's noise (the paper: 5 epochs x 8)")
+    noise_epochs: int = Field(5, ge=0, description="epochs of Adam on each class's noise (the paper: 5)")
+    noise_steps: int = Field(8, ge=0, description="Adam steps on the noise per noise epoch (the paper: 8)")
     noise_reg: float = Field(0.1, ge=0, description="weight of the noise's mean squared norm in its objective")
-    noise_copies: int = Field(20, ge=1, description="times each noise image appears in the impair pass")
+    impair_noise_epochs: int = Field(20, ge=0, description="passes over the noise within each impair pass, i.e. "
+                                     "the times each noise image appears in it (the paper: 20 copies)")
     max_retain_per_class: int = Field(1000, ge=1, description="the retain subset: at most this many D_r "
                                       "examples per class, a seeded sample drawn once")
     stop_after: Stage = Field("repair", description="return the model after the impair stage or after repair")
@@ -86,7 +89,7 @@ def _prepare_noise(model: nn.Module, forget: Split, retain: Split, p: UnsirParam
     classes = torch.unique(forget.y).cpu()
     model.eval()
     noise = [class_noise(model, int(c), torch.randn((p.noise_batch, *forget.x.shape[1:]), generator=gen).to(device),
-                         p.noise_steps, p.noise_lr, p.noise_reg) for c in classes]
+                         p.noise_epochs * p.noise_steps, p.noise_lr, p.noise_reg) for c in classes]
     return {"noise": torch.stack(noise), "noise_labels": classes.to(device)}
 
 
@@ -117,7 +120,7 @@ def _epoch_pool(subset: torch.Tensor, p: MethodParams, gen: torch.Generator) -> 
 
 
 @register("unsir", UnsirParams, source="seed 001 §6.3 Alg. 3; Tarun et al. 2023 (vikram2000b/Fast-Machine-Unlearning)",
-          prepare=Preparation(_prepare_noise, params=("noise_batch", "noise_lr", "noise_steps", "noise_reg"),
+          prepare=Preparation(_prepare_noise, params=("noise_batch", "noise_lr", "noise_epochs", "noise_steps", "noise_reg"),
                               uses_seed=True))
 def unsir(model: nn.Module, forget: Split, retain: Split, p: UnsirParams, ctx: UnlearnContext) -> nn.Module:
     """UNSIR, class-wise: impair on error-maximising noise (labelled with its class) plus a retain subset, then repair.
@@ -131,7 +134,7 @@ def unsir(model: nn.Module, forget: Split, retain: Split, p: UnsirParams, ctx: U
     gen = ctx.generator()
     device = retain.x.device
     flat_noise, flat_labels = noise.flatten(0, 1), labels.repeat_interleave(noise.shape[1])
-    n_noise = len(flat_noise) * p.noise_copies
+    n_noise = len(flat_noise) * p.impair_noise_epochs
     subset = per_class_subset(retain.y, p.max_retain_per_class, gen)
     impair_opt = build_optimizer(model, p.optimizer, p.lr, p.momentum, p.weight_decay)
     repair_opt = build_optimizer(model, p.optimizer, p.repair_lr, p.momentum, p.weight_decay)
@@ -149,8 +152,10 @@ def unsir(model: nn.Module, forget: Split, retain: Split, p: UnsirParams, ctx: U
             batches += 1
         impair_losses.append(check_loss(loss_sum, batches, "unsir (impair)", epoch))
         ctx.stats["impair_examples"] += n_noise + len(pool)
-        if p.stop_after == "repair":
-            losses.append(_repair(model, repair_opt, retain, pool, p.batch_size, gen, "unsir (repair)", epoch))
+        if p.stop_after == "repair" and p.repair_epochs > 0:
+            for _ in range(p.repair_epochs):
+                repair = _repair(model, repair_opt, retain, pool, p.batch_size, gen, "unsir (repair)", epoch)
+            losses.append(repair)
         else:
             losses.append(impair_losses[-1])
     return model
