@@ -254,3 +254,35 @@ def test_opening_a_missing_ledger_names_the_fix(tmp_path):
     Ledger.create(tmp_path / LEDGER_FILE, "t", "sha").close()
     with pytest.raises(ConfigError, match="already holds a service"):
         Ledger.create(tmp_path / LEDGER_FILE, "t", "sha")
+
+
+def test_request_commands_from_the_cli(tmp_path, capsys, monkeypatch):
+    from rumflow.cli import main
+
+    root = tmp_path / "services" / "t"
+    root.mkdir(parents=True)
+    (root / "service.yaml").write_text("name: t\n")
+    np.save(root / "train_ids.npy", TRAIN)
+    led = Ledger.create(root / LEDGER_FILE, "t", "x")
+    led.set_version0("a" * 64, "test")
+    led.close()
+    svc = ["--service", str(root)]
+    assert main(["request", "add", *svc, "--ids", "2,4", "--note", "ticket 1"]) == 0
+    assert "request r1 queued: 2 examples" in capsys.readouterr().out
+    ids = tmp_path / "ids.txt"
+    ids.write_text("6\n8\n")
+    monkeypatch.chdir(tmp_path)  # the only service under ./services is found without --service
+    assert main(["request", "add", "--file", str(ids), "--id", "f-1"]) == 0
+    capsys.readouterr()
+    assert main(["request", "add", *svc, "--ids", "3"]) == 2
+    assert capsys.readouterr().err == ("rumflow: error: 1 of the ids is not in the training set (3); only training "
+                                       "examples can be forgotten: remove them from the request.\n")
+    assert main(["request", "add", *svc, "--ids", "10", "--file", str(ids)]) == 2
+    assert "(one of them)" in capsys.readouterr().err
+    assert main(["request", "withdraw", *svc, "f-1", "--reason", "duplicate ticket"]) == 0
+    assert main(["request", "list", *svc]) == 0
+    out = capsys.readouterr().out
+    assert "r1           queued" in out and "ticket 1" in out and "f-1          rejected" in out
+    assert "duplicate ticket" in out and "production model: v0" in out
+    assert main(["request", "list", "--service", str(tmp_path)]) == 2
+    assert "is not a service folder" in capsys.readouterr().err
