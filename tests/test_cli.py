@@ -260,7 +260,7 @@ def test_sigterm_stops_a_real_run_promptly_and_leaves_no_process(tmp_path):
     and nothing of its session (the server, workers) may survive."""
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)  # the embedded server: the child process that must not be orphaned
-    sets = ["name=sig", "train.epochs=40", "proxies=[confidence]", "forget.steps=1", "forget.per_tier=5",
+    sets = ["name=sig", "train.epochs=15", "proxies=[confidence]", "forget.steps=1", "forget.per_tier=5",
             "seeds=[0]", "rum.mid.method=finetune", "rum.mid.epochs=1", "rum.high.method=finetune",
             "rum.high.epochs=1", "vanilla.method=finetune", "vanilla.epochs=1", "evaluate.mia=false"]
     cmd = [sys.executable, "-m", "rumflow.cli", "run", "--verbose", "--out", str(tmp_path)]
