@@ -45,7 +45,9 @@ def _digest(body: str) -> str:
 
 def encode_result(obj: Any) -> bytes:
     """A task result as checksummed JSON: a registered pydantic model, or plain JSON data."""
-    if isinstance(obj, BaseModel):
+    if isinstance(obj, BaseException):  # a failed task's error: its type and message, as text only
+        kind, data = "error", {"type": type(obj).__name__, "message": str(obj)}
+    elif isinstance(obj, BaseModel):
         kind = type(obj).__name__
         if RECORD_TYPES.get(kind) is not type(obj):
             raise TypeError(f"{kind} is not a registered record type; decorate it with @record_type")
@@ -70,6 +72,8 @@ def decode_result(blob: bytes) -> Any:
     kind, data = inner["kind"], inner["data"]
     if kind == "json":
         return data
+    if kind == "error":
+        return RumflowError(f"{data['type']}: {data['message']}")
     if kind not in RECORD_TYPES:
         raise CorruptRecord(f"task record of unknown type {kind!r}")
     return RECORD_TYPES[kind].model_validate(data)
