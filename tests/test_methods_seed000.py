@@ -326,3 +326,15 @@ def test_presets_carry_the_documents_hyperparameters(name, expected):
     assert {k: getattr(p, k) for k in expected} == expected
     if name.endswith("ascent") or "ascent_" in name:
         assert (p.lr, p.momentum, p.weight_decay, p.batch_size) == (0.001, 0.9, 5e-4, 128)
+
+
+def test_label_smoothing_enters_the_finetune_loss(setup):
+    """One full retain batch: the recorded loss is the parent's train-mode CE with label smoothing 0.2."""
+    _, _, _, retain, _ = setup
+    ref = parent(setup).train()
+    with torch.no_grad():
+        expected = float(F.cross_entropy(ref(retain.x), retain.y, label_smoothing=0.2))
+        plain = float(F.cross_entropy(ref(retain.x), retain.y))
+    _, ctx = run("finetune", setup, epochs=1, batch_size=len(retain), label_smoothing=0.2)
+    assert ctx.stats["loss"] == [pytest.approx(expected, abs=1e-5)]
+    assert abs(expected - plain) > 1e-3
