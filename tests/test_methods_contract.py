@@ -16,7 +16,7 @@ from rumflow.training import Recipe, train_model
 NAMES = sorted(METHODS)
 SGD_METHODS = [n for n in NAMES if "epochs" in METHODS[n].params.model_fields]
 TRAINABLE = [n for n in NAMES if "trainable" in METHODS[n].params.model_fields]
-TINY = {"epochs": 2, "batch_size": 64}  # applied where the method has the field
+TINY = {"epochs": 2, "batch_size": 64, "noise_batch": 16}  # applied where the method has the field (UNSIR: noise per class)
 # Methods that change the weights before any epoch runs (EU-k re-initialises its blocks), so zero epochs
 # is not "no update" for them.
 CHANGES_BEFORE_TRAINING = {"eu_k"}
