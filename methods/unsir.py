@@ -120,7 +120,8 @@ def _epoch_pool(subset: torch.Tensor, p: MethodParams, gen: torch.Generator) -> 
 
 
 @register("unsir", UnsirParams, source="seed 001 §6.3 Alg. 3; Tarun et al. 2023 (vikram2000b/Fast-Machine-Unlearning)",
-          prepare=Preparation(_prepare_noise, params=("noise_batch", "noise_lr", "noise_epochs", "noise_steps", "noise_reg"),
+          prepare=Preparation(_prepare_noise,
+                              params=("noise_batch", "noise_lr", "noise_epochs", "noise_steps", "noise_reg"),
                               uses_seed=True))
 def unsir(model: nn.Module, forget: Split, retain: Split, p: UnsirParams, ctx: UnlearnContext) -> nn.Module:
     """UNSIR, class-wise: impair on error-maximising noise (labelled with its class) plus a retain subset, then repair.

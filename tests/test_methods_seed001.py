@@ -360,7 +360,8 @@ def test_unsir_noise_is_labelled_with_its_class_and_raises_that_class_loss(tiny)
     # Document's code: `class_num = 0` is never updated, so every noise batch is labelled class 0.
     model = fresh(tiny)
     ctx = context(tiny)
-    prepared = prepare_method("unsir", {"noise_batch": 16, "noise_epochs": 5, "noise_steps": 8, "noise_reg": 0.0}, model, tiny[2], tiny[3], ctx)
+    noise_params = {"noise_batch": 16, "noise_epochs": 5, "noise_steps": 8, "noise_reg": 0.0}
+    prepared = prepare_method("unsir", noise_params, model, tiny[2], tiny[3], ctx)
     labels = prepared["noise_labels"]
     assert torch.equal(labels, torch.unique(tiny[2].y))
     model.eval()
@@ -375,16 +376,18 @@ def test_unsir_noise_is_labelled_with_its_class_and_raises_that_class_loss(tiny)
         before = F.cross_entropy(model(start), y)
         after = F.cross_entropy(model(class_noise(model, 3, start, steps=10, lr=0.1, reg=0.0)), y)
     assert after > before
-    again = prepare_method("unsir", {"noise_batch": 16, "noise_epochs": 5, "noise_steps": 8, "noise_reg": 0.0}, model, tiny[2], tiny[3], ctx)
+    again = prepare_method("unsir", noise_params, model, tiny[2], tiny[3], ctx)
     assert torch.equal(again["noise"], prepared["noise"])  # seeded: the caller may cache it
+    other = prepare_method("unsir", noise_params, model, tiny[2], tiny[3], context(tiny, seed=1))
+    assert not torch.equal(other["noise"], prepared["noise"])  # and its key must cover the seed
     assert METHODS["unsir"].prepare.uses_seed
 
 
 def test_unsir_keeps_every_noise_image(tiny):
     # Document's code iterates over a batch's channels, keeping 3 noise images per copy; ours keeps all B.
     ctx = context(tiny)
-    run_method("unsir", {"noise_batch": 8, "noise_epochs": 1, "noise_steps": 2, "impair_noise_epochs": 3, "max_retain_per_class": 5,
-                         "batch_size": 64}, fresh(tiny), tiny[2], tiny[3], ctx)
+    run_method("unsir", {"noise_batch": 8, "noise_epochs": 1, "noise_steps": 2, "impair_noise_epochs": 3,
+                         "max_retain_per_class": 5, "batch_size": 64}, fresh(tiny), tiny[2], tiny[3], ctx)
     classes = len(torch.unique(tiny[2].y))
     assert ctx.prepared["noise"].shape[:2] == (classes, 8)
     subset = int(torch.bincount(tiny[3].y).clamp(max=5).sum())
