@@ -121,14 +121,14 @@ def _list_typed(method: str, key: str) -> bool:
     return field is not None and get_origin(field.annotation) in (list, tuple)
 
 
-def expand_entry(entry: dict[str, Any], target: str = "space") -> list[MethodSpec]:
+def expand_entry(entry: dict[str, Any], target: str = "candidate") -> list[MethodSpec]:
     """Every MethodSpec of one candidate entry: the product of its list-valued hyperparameters."""
     if not isinstance(entry, dict) or "method" not in entry:
-        raise ValueError(f"space {target}: each candidate is a mapping with a 'method' key, e.g. "
+        raise ValueError(f"{target}: each candidate is a mapping with a 'method' key, e.g. "
                          "{method: finetune, lr: [0.01, 0.1]}")
     method = entry["method"]
     if not isinstance(method, str):
-        raise ValueError(f"space {target}: 'method' names one method (list other methods as other entries)")
+        raise ValueError(f"{target}: 'method' names one method (list other methods as other entries)")
     flat = {k: v for k, v in entry.items() if k != "method"}
     flat = {**(flat.pop("params", None) or {}), **flat}
     axes = {}
@@ -136,7 +136,7 @@ def expand_entry(entry: dict[str, Any], target: str = "space") -> list[MethodSpe
         grid = isinstance(value, list) and (not _list_typed(method, key) or
                                             all(isinstance(x, list) for x in value))
         if grid and not value:
-            raise ValueError(f"space {target}: {method}.{key} is an empty list; give at least one value")
+            raise ValueError(f"{target}: {method}.{key} is an empty list; give at least one value")
         axes[key] = value if grid else [value]
     specs = []
     for combo in itertools.product(*axes.values()):
@@ -144,7 +144,7 @@ def expand_entry(entry: dict[str, Any], target: str = "space") -> list[MethodSpe
             specs.append(MethodSpec.model_validate({"method": method, **dict(zip(axes, combo))}))
         except ValidationError as exc:
             msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            raise ValueError(f"space {target}: {msg}") from None
+            raise ValueError(f"{target}: {msg}") from None
     return specs
 
 
@@ -330,7 +330,10 @@ def load_select_config(path: str | Path | dict[str, Any], overrides: list[str] |
     data.setdefault("base", {})
     for assignment in overrides or []:
         apply_override(data, assignment)
-    data["base"] = validate_config(data["base"])  # the experiment's own one-sentence errors
+    try:
+        data["base"] = validate_config(data["base"])  # the experiment's own one-sentence errors
+    except ConfigError as exc:
+        raise ConfigError(f"select config base: {exc}") from None
     try:
         return SelectConfig.model_validate(data)
     except ValidationError as exc:

@@ -103,14 +103,28 @@ def test_select_config_grid_and_bad_input():
            ({"space": {"rum.top": [{"method": "finetune"}]}}, "rum.top"),
            ({"sampler": "optuna"}, "optuna"),
            ({"rule": {"max_rte": 0}}, "max_rte"),
-           ({"base": {**BASE, "recompute": ["confidence"]}}, "recompute"),
+           ({"base": {**BASE, "proxies": ["holdout_retraining"], "recompute": ["holdout_retraining"]}},
+            "remove recompute"),
            ({"space": {"rum.mid": [{"method": "finetune", "lr": [0.1, 0.2, 0.3], "epochs": [1, 2, 3]}]},
              "max_trials": 4}, "max_trials=4"),
            ({"base": {**BASE, "train": {"epochz": 3}}}, "epochz")]
     for change, words in bad:
         with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("=", "=")) as info:
             load_select_config({**copy.deepcopy(SELECT), **change})
-        assert str(info.value).count(". ") == 0 or str(info.value).endswith(".")
+        message = str(info.value)
+        assert "\n" not in message and message.endswith(".") and message.startswith(("select config", "unknown"))
+
+
+def test_base_config_path_and_overrides(tmp_path):
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(BASE))
+    body = {k: v for k, v in SELECT.items() if k != "base"}
+    (tmp_path / "select.yaml").write_text(yaml.safe_dump({**body, "base_config": "experiment.yaml"}))
+    cfg = load_select_config(tmp_path / "select.yaml", ["base.train.epochs=2", "rule.max_rte=0.1"])
+    assert cfg.base.train.epochs == 2 and cfg.rule.max_rte == 0.1 and cfg.base.forget.steps == 2
+    assert cfg.folder == "tinysel-select" and cfg.seeds == [0] and cfg.proxies == ["confidence"]
+    assert load_select_config(tmp_path / "select.yaml").digest() != cfg.digest()
+    with pytest.raises(ConfigError, match="select config base: .*'train.lrr'"):
+        load_select_config(tmp_path / "select.yaml", ["base.train.lrr=2"])
 
 
 def test_cli_refuses_bad_input_with_one_sentence_and_exit_2(tmp_path, capsys):
@@ -134,23 +148,31 @@ def test_selection_flow_split_budget_cache_and_selected_config(prefect_api, tmp_
     from rumflow.methods.registry import get_method, retain_count
     from rumflow.runtime import dataset_on
 
-    cfg = load_select_config(copy.deepcopy(SELECT))
+    body = copy.deepcopy(SELECT)
+    body["space"]["vanilla"].append({"method": "neggrad", "lr": 1000.0, "epochs": 3})  # diverges: a finding
+    cfg = load_select_config(body)
     state = configured(cfg)(cfg, out=str(tmp_path), return_state=True)
     assert state.is_completed(), state
     sel_dir = tmp_path / "tinysel-select"
     first = task_states(state.state_details.flow_run_id)
-    assert first and all(s in ("Completed", "Cached") for _, s in first)
+    failed = [n for n, s in first if s not in ("Completed", "Cached")]
+    assert sorted(s for _, s in first if s not in ("Completed", "Cached")) == ["Failed", "NotReady"]
+    assert "unlearn s0/confidence/val1/vanilla-mix/neggrad(lr=1000.0, epochs=3)" in failed
     names = [n for n, _ in first]
     assert len(set(names)) == len(names), "every task run says which trial and request it is"
 
     sweep = pd.read_parquet(sel_dir / "sweep.parquet")
     trials = pd.read_parquet(sel_dir / "trials.parquet")
-    assert len(sweep) == 3 and set(sweep["strategy"]) == {"rum", "vanilla"}
+    assert len(sweep) == 4 and set(sweep["strategy"]) == {"rum", "vanilla"}
+    diverged = sweep.set_index("trial").loc["vanilla-1"]
+    assert "DivergenceError" in diverged["error"] and not diverged["selected"] and not diverged["meets_cap"]
+    assert "Trial vanilla-1 failed: DivergenceError" in (sel_dir / "summary.md").read_text()
+    sweep_ok = sweep[sweep["error"].isna()]
     for col in ("tow", "tow_mia", "rte_step", "seconds", "examples", "meets_cap", "selected", "settings_json",
                 "mid_method", "mid_params", "mix_method"):
         assert col in sweep.columns, col
-    assert sweep["tow"].between(0, 1).all() and sweep["tow_mia"].between(0, 1).all()
-    assert (sweep["rte_step"] > 0).all() and sweep["error"].isna().all()
+    assert sweep_ok["tow_mia"].between(0, 1).all()
+    assert sweep_ok["tow"].between(0, 1).all() and (sweep_ok["rte_step"] > 0).all() and len(sweep_ok) == 3
     assert sweep.groupby("strategy")["selected"].sum().tolist() == [1, 1]
     assert (sel_dir / "figures" / "frontier.png").stat().st_size > 0
     assert (sel_dir / "manifest.json").exists() and not (sel_dir / "INCOMPLETE").exists()
@@ -193,7 +215,8 @@ def test_selection_flow_split_budget_cache_and_selected_config(prefect_api, tmp_
     # a re-run serves every task from the cache; a cap nothing meets selects nothing, in one sentence
     again = configured(cfg)(cfg, out=str(tmp_path), return_state=True)
     second = task_states(again.state_details.flow_run_id)
-    assert len(second) == len(first) and all(s == "Cached" for _, s in second), second
+    assert len(second) == len(first)
+    assert sorted(s for _, s in second if s != "Cached") == ["Failed", "NotReady"], second  # failures are not cached
     pd.testing.assert_frame_equal(pd.read_parquet(sel_dir / "sweep.parquet"), sweep)
     from rumflow.cli import main
 
