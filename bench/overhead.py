@@ -4,7 +4,8 @@
 
 Both arms run in this one process, each in a fresh run folder, on the same grid (printed first):
   flow: the experiment flow (`configured(cfg)`) on the threads runner with ONE worker, so that both arms
-        do the work one task at a time with the same torch threads; the embedded Prefect server is
+        do the work one task at a time, in one worker thread, with the same torch threads
+        (--torch-threads, default 1); the embedded Prefect server is
         started (and timed) before, by a trivial flow, so neither arm pays for it;
   loop: every task the flow submits, in the same order, called as `task.fn(...)` (no Prefect: no task
         engine, no cache lookups, no result records, no API calls), then the same rows, Parquet files,
@@ -74,12 +75,19 @@ def warm_server() -> float:
     return time.perf_counter() - start
 
 
-def run_flow(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
-    """The experiment flow on cfg's runner; (wall seconds, run folder)."""
+def run_flow(cfg: ExperimentConfig, out: Path, threads: int | None = None) -> tuple[float, Path]:
+    """The experiment flow on cfg's runner (its tasks on `threads` torch threads when given, else the
+    runner's own share of the cores); (wall seconds, run folder)."""
+    import torch
+
     from rumflow.flows.experiment import configured
 
     start = time.perf_counter()
-    state = configured(cfg)(cfg, out=str(out), return_state=True)
+    flow_fn = configured(cfg)  # sets RUMFLOW_TORCH_THREADS, which every task reads (settle_threads)
+    if threads:
+        os.environ["RUMFLOW_TORCH_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    state = flow_fn(cfg, out=str(out), return_state=True)
     seconds = time.perf_counter() - start
     if not state.is_completed():
         raise SystemExit(f"the flow did not complete: {state}")
@@ -130,8 +138,18 @@ def loop_submitter(cfg: ExperimentConfig, run_dir: Path):
     return Loop()
 
 
-def run_loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
-    """The flow's work as plain calls, in the flow's submission order, then its outputs; (seconds, folder)."""
+def run_loop(cfg: ExperimentConfig, out: Path, threads: int) -> tuple[float, Path]:
+    """The flow's work as plain calls in one worker thread (as the flow's one-worker runner runs them, so
+    torch's per-thread settings match), in the flow's submission order, then its outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.environ["RUMFLOW_TORCH_THREADS"] = str(threads)  # every task settles its thread count from it
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_loop, cfg, out).result()
+
+
+def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
+    """The body of run_loop; (seconds, run folder)."""
     from rumflow import records
     from rumflow.artifacts import runfolder
     from rumflow.artifacts.report import build_report
@@ -190,14 +208,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="flow/loop pairs, alternating which goes first")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the grid")
     ap.add_argument("--out", default=None, help="parent of the run folders (default: a temporary folder)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="intra-op threads of every task in both arms (default 1: steady on shared cores)")
     args = ap.parse_args()
 
-    import torch
-
-    from rumflow.flows.runners import cores, torch_threads_per_worker
+    from rumflow.flows.runners import cores
 
     cfg = bench_config(args.quick, args.set, workers=1)
-    threads = torch_threads_per_worker(cfg.runner, cfg.device)
+    threads = args.torch_threads
     print(f"grid: {describe(cfg)}")
     print(f"cores {cores()}; torch threads {threads} in both arms; flow runner threads x 1 worker; "
           f"load average {os.getloadavg()[0]:.2f}")
@@ -208,10 +226,8 @@ def main() -> None:
         times: dict[str, float] = {}
         folders: dict[str, Path] = {}
         for arm in (("flow", "loop") if r % 2 == 0 else ("loop", "flow")):
-            os.environ["RUMFLOW_TORCH_THREADS"] = str(threads)
-            torch.set_num_threads(threads)
             fn = run_flow if arm == "flow" else run_loop
-            times[arm], folders[arm] = fn(cfg, root / f"{arm}-{r}")
+            times[arm], folders[arm] = fn(cfg, root / f"{arm}-{r}", threads)
             print(f"  repeat {r + 1} {arm}: {times[arm]:.1f} s", flush=True)
         n = same_rows(folders["flow"], folders["loop"])
         ratios.append(times["flow"] / times["loop"])

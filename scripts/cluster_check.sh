@@ -190,7 +190,7 @@ note "Ray: $("$RAY" --version | awk '{print $3}') cluster at $RAY_ADDRESS_HP, 2 
 RAY_PIDS=$(pgrep -f -- "$TMP/ray-" | paste -sd'|' || true)
 RAY_BINDS=$(ss -ltnpH 2>/dev/null | grep -E "pid=(${RAY_PIDS:-none})," | awk '{print $4}' | sed -E 's/:[0-9]+$//' \
   | sort | uniq -c | awk '{printf "%s%s x%s", (NR>1?", ":""), $2, $1}')
-note "Ray node IP: $(grep -o 'Local node IP[^0-9]*[0-9.]*' "$TMP/logs/ray-head.log" | grep -o '[0-9.]*$'); listening sockets by address: ${RAY_BINDS:-none seen}"
+note "Ray node IP: $(sed 's/\x1b\[[0-9;]*m//g' "$TMP/logs/ray-head.log" | grep -o 'Local node IP: [0-9.]*' | grep -o '[0-9.]*$'); listening sockets by address: ${RAY_BINDS:-none seen}"
 
 # ---------------------------------------------------------------------------------- the experiment
 TINY=(--set name=cluster-check --set train.epochs=3 --set "proxies=[confidence,holdout_retraining]"
