@@ -32,7 +32,7 @@ from rumflow.flows.runners import task_runner, torch_threads_per_worker
 from rumflow.metrics import tow, tow_mia
 from rumflow.planning import TIERS, StepPlan
 from rumflow.proxies.registry import PROXIES
-from rumflow.runtime import check_feasible, dataset_on
+from rumflow.runtime import check_feasible
 from rumflow.selection import (SelectConfig, Trial, apply_rule, frontier_markdown, rum_trials, selected_config,
                                short, strategies_without_pick, summarize_trials, validation_plan, vanilla_trials)
 

@@ -207,6 +207,9 @@ def test_selection_flow_split_budget_cache_and_selected_config(prefect_api, tmp_
     pick = sweep[sweep["selected"] & (sweep["strategy"] == "rum")].iloc[0]
     assert exp.rum.mid.model_dump(mode="json")["params"] == json.loads(pick["mid_params"])
     assert exp.vanilla.params.retain_fraction == 0.5
+    from rumflow.service import ServiceConfig
+
+    assert ServiceConfig.model_validate({"rum": selected["rum"]}).rum == exp.rum  # the service takes the block
     run_dir, _ = run_experiment(selected, tmp_path)
     marks = pd.read_parquet(run_dir / "examples.parquet")
     forgotten = set(marks.loc[marks["forget_step_confidence"].notna(), "example_id"])
