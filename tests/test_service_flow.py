@@ -167,7 +167,11 @@ def test_two_runs_started_at_once_do_not_fork_the_chain(prefect_api, tmp_path):
     assert [r["parent_version"] for r in rows] == [0, 1]
 
 
-def test_audit_ledger_export_and_model_export(prefect_api, tmp_path, capsys):
+def test_audit_ledger_export_and_model_export(prefect_api, tmp_path):
+    # not capsys: Prefect's console log handler would keep its stream, closed after this test
+    import contextlib
+    import io
+
     import pandas as pd
     import torch
 
@@ -188,15 +192,17 @@ def test_audit_ledger_export_and_model_export(prefect_api, tmp_path, capsys):
     assert list(table["request_id"]) == ["r1"] and table["gate_forget_alpha"].tolist() == [True]
     assert {"acc_forget", "acc_retain_prev", "sha256", "parent_sha256", "flow_run_id", "tier_high"} <= set(table)
     assert pd.read_csv(tmp_path / "l-audits.csv")["tow"].notna().all()
-    assert main(["ledger", "--service", str(root)]) == 0
-    assert "r1" in capsys.readouterr().out
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["ledger", "--service", str(root)]) == 0
+        assert main(["model", "export", "--service", str(root), "--version", "9", str(tmp_path / "v9.pt")]) == 2
+    assert " r1 " in out.getvalue() and "audits (against a model retrained" in out.getvalue()
+    assert "no version 9; versions run from 0 to 1" in err.getvalue()
     assert main(["model", "export", "--service", str(root), "--version", "1", str(tmp_path / "v1.pt")]) == 0
     state = torch.load(tmp_path / "v1.pt", weights_only=True)
     from rumflow.artifacts.checkpoints import state_digest
 
     assert state_digest(state) == folder(root).ledger.current()[1]
-    assert main(["model", "export", "--service", str(root), "--version", "9", str(tmp_path / "v9.pt")]) == 2
-    assert "no version 9; versions run from 0 to 1" in capsys.readouterr().err
 
 
 def test_version0_from_a_finished_experiment(prefect_api, tmp_path, tiny_config):
