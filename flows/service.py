@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 import rumflow
 from rumflow.artifacts.checkpoints import atomic_write_bytes
 from rumflow.artifacts.ledger import LEDGER_FILE, Ledger, Step, fsync_dir
-from rumflow.artifacts.prefect_artifacts import _cell, advance_progress, artifact_key, start_progress
+from rumflow.artifacts.prefect_artifacts import advance_progress, artifact_key, start_progress
 from rumflow.artifacts.tables import write_text
 from rumflow.errors import ConfigError, DivergenceError
 from rumflow.methods.registry import get_method
@@ -41,6 +41,12 @@ from rumflow.tasks.caching import in_run_dir
 from rumflow.tasks.service import (ServiceModel, ensure, evaluate_version, experiment_original, load_state, prepare_tier,
                                    save, score_version, service_root, train_version, unlearn_tier)
 from rumflow.training import resolve_device
+
+
+def _cell(v: Any) -> Any:
+    """A JSON-safe table cell (NaN and infinities become empty)."""
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not np.isfinite(v) else v
 
 
 def _task(t: Any, folder: ServiceFolder) -> Any:
