@@ -12,6 +12,7 @@ Both arms run in this one process, each in a fresh run folder, on the same grid 
         report and manifest.
 It prints both wall times and flow / loop (the goal is at most 1.03), and checks that both arms wrote the
 same steps.parquet except the timing columns (so the loop really did the flow's work).
+--profile runs the flow arm once under a stack sampler instead and prints where the busy time goes.
 Default grid: the default experiment (`rumflow run` with no config). --quick: one seed, two proxies
 (confidence, holdout_retraining), two steps, 10 training epochs (a few minutes on 2 cores).
 """
@@ -22,7 +23,9 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +197,70 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
     return time.perf_counter() - start, run_dir
 
 
+IDLE = {("threading.py", "wait"), ("threading.py", "_wait_for_tstate_lock"), ("queue.py", "get"),
+        ("selectors.py", "select"), ("thread.py", "_worker"), ("threading.py", "acquire"),
+        ("flow_engine.py", "heartbeat_loop")}  # it sleeps in time.sleep, which leaves no Python frame
+
+
+class Sampler(threading.Thread):
+    """Where the busy threads are: every `interval` s, each other thread's stack is classified as torch
+    (compute), prefect (innermost Prefect function: engine, client, hashing, records), rumflow or other;
+    waiting threads (locks, queues, an idle event loop) are not counted."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True, name="rumflow-bench-sampler")
+        self.interval, self.halt, self.ticks = interval, threading.Event(), 0
+        self.counts: Counter[str] = Counter()
+
+    def run(self) -> None:
+        me = threading.get_ident()
+        while not self.halt.wait(self.interval):
+            self.ticks += 1
+            for tid, frame in sys._current_frames().items():
+                if tid != me:
+                    label = self.label(frame)
+                    if label:
+                        self.counts[label] += 1
+
+    @staticmethod
+    def label(frame: Any) -> str | None:
+        """The class of one sample (None: the thread is waiting)."""
+        if (Path(frame.f_code.co_filename).name, frame.f_code.co_name) in IDLE:
+            return None
+        innermost = None  # the innermost Prefect or rumflow frame decides (rumflow code inside a task is
+        f = frame         # rumflow's, not the task engine's that called it)
+        while f is not None:
+            path = f.f_code.co_filename
+            if "/torch/" in path:
+                return "torch (task compute)"
+            if innermost is None and "/prefect/" in path:
+                innermost = f"prefect: {Path(path).parent.name}/{Path(path).name}:{f.f_code.co_name}"
+            elif innermost is None and "/site-packages/" not in path and "/work/main/" in path:
+                innermost = f"rumflow: {Path(path).name}:{f.f_code.co_name}"
+            f = f.f_back
+        return innermost or f"other: {Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+
+
+def profile_flow(cfg: ExperimentConfig, root: Path, threads: int, top: int = 25) -> None:
+    """One flow run under the sampler; prints the busy time by class and the top Prefect functions."""
+    sampler = Sampler()
+    sampler.start()
+    seconds, _ = run_flow(cfg, root / "profiled", threads)
+    sampler.halt.set()
+    sampler.join()
+    tick = seconds / max(sampler.ticks, 1)
+    kinds: Counter[str] = Counter()
+    for label, n in sampler.counts.items():
+        kinds[label.split(":")[0]] += n
+    print(f"profiled flow: {seconds:.1f} s wall; busy thread-seconds by class (all threads of this process; "
+          f"the embedded server is another process):")
+    for kind, n in kinds.most_common():
+        print(f"  {kind:<22} {n * tick:7.1f} s")
+    print(f"top {top} busy places outside torch:")
+    for label, n in [(k, v) for k, v in sampler.counts.most_common() if not k.startswith("torch")][:top]:
+        print(f"  {n * tick:6.1f} s  {label}")
+
+
 def same_rows(a: Path, b: Path) -> int:
     """Assert both run folders hold the same steps.parquet except timings; the number of rows."""
     da, db = pd.read_parquet(a / "steps.parquet"), pd.read_parquet(b / "steps.parquet")
@@ -210,6 +277,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="parent of the run folders (default: a temporary folder)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads of every task in both arms (default 1: steady on shared cores)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: one flow run under a stack sampler, printing where its busy time goes")
     args = ap.parse_args()
 
     from rumflow.flows.runners import cores
@@ -221,6 +290,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"embedded Prefect server start (not counted): {warm_server():.1f} s", flush=True)
     root = Path(args.out or tempfile.mkdtemp(prefix="rumflow-bench-overhead-"))
+    if args.profile:
+        profile_flow(cfg, root, threads)
+        return
     ratios = []
     for r in range(args.repeats):
         times: dict[str, float] = {}

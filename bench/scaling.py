@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import QUICK, bench_config, describe, run_flow, same_rows, warm_server  # noqa: E402
 
+from rumflow.flows.runners import cores  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,8 +34,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the grid")
     ap.add_argument("--out", default=None, help="parent of the run folders (default: a temporary folder)")
     args = ap.parse_args()
-
-    from rumflow.flows.runners import cores
 
     kinds = [k.strip() for k in args.runners.split(",") if k.strip()]
     plan = [(k, w) for k in kinds for w in ((2,) if k == "ray" else (1, 2))]
@@ -51,20 +51,41 @@ def main() -> None:
         print(f"  {kind} x {workers}: {times[(kind, workers)]:.1f} s (load average {os.getloadavg()[0]:.2f})",
               flush=True)
     base = times[("threads", 1)]
-    for key in plan:
-        same_rows(folders[key], folders[("threads", 1)])
-    print(f"\n{'runner':<10} {'workers':>7} {'wall s':>8} {'threads x1 / this':>18}")
+    groups = result_groups(folders)
+    print(f"\n{'runner':<10} {'workers':>7} {'torch thr':>9} {'wall s':>8} {'threads x1 / this':>18} {'rows':>5}")
     for kind, workers in plan:
         t = times[(kind, workers)]
-        print(f"{kind:<10} {workers:>7} {t:>8.1f} {base / t:>18.2f}")
+        print(f"{kind:<10} {workers:>7} {max(1, cores() // workers):>9} {t:>8.1f} {base / t:>18.2f} "
+              f"{groups[(kind, workers)]:>5}")
     pairs = [f"{k} x1 / x2 = {times[(k, 1)] / times[(k, 2)]:.2f}" for k in kinds if (k, 1) in times and (k, 2) in times]
     if ("ray", 2) in times:
         pairs.append(f"threads x1 / ray x2 = {base / times[('ray', 2)]:.2f}")
         if ("threads", 2) in times:
             pairs.append(f"threads x2 / ray x2 = {times[('threads', 2)] / times[('ray', 2)]:.2f}")
     print("; ".join(pairs))
-    print(f"steps.parquet equal across all {len(plan)} runs (timings aside); load average "
-          f"{os.getloadavg()[0]:.2f}; run folders under {root}")
+    n = len(set(groups.values()))
+    print(("steps.parquet equal across all runs (timings aside)" if n == 1 else
+           f"steps.parquet: {n} different results (rows column: runs with the same letter are equal, timings "
+           "aside; CPU results depend on the torch threads per task, cores // workers)")
+          + f"; load average {os.getloadavg()[0]:.2f}; run folders under {root}")
+
+
+def result_groups(folders: dict[tuple[str, int], Path]) -> dict[tuple[str, int], str]:
+    """A letter per run: runs whose steps.parquet are equal (timings aside) share it."""
+    reps: list[tuple[str, Path]] = []
+    out = {}
+    for key, folder in folders.items():
+        for letter, rep in reps:
+            try:
+                same_rows(folder, rep)
+            except AssertionError:
+                continue
+            out[key] = letter
+            break
+        else:
+            reps.append((letter := "ABCDEFGH"[len(reps)], folder))
+            out[key] = letter
+    return out
 
 
 if __name__ == "__main__":
