@@ -28,8 +28,12 @@ def worker_count(runner: RunnerConfig, device: str) -> int:
 
 
 def torch_threads_per_worker(runner: RunnerConfig, device: str) -> int:
-    """Intra-op threads per task: the cores shared out among the workers (spinning OpenMP threads of
-    several workers on the same cores collapse under load)."""
+    """Intra-op threads per task: one on CPU, whatever the number of workers. CPU kernels reduce in a
+    different order with another thread count, so a fixed count is what makes the same config give the
+    same checkpoints on every runner and worker count (and spinning OpenMP threads of several workers
+    on the same cores collapse under load). On CUDA the host threads do not change the results."""
+    if resolve_device(device).type == "cpu":
+        return 1
     return max(1, cores() // worker_count(runner, device))
 
 
