@@ -14,7 +14,10 @@ import yaml
 from apihelpers import read_artifacts, run_experiment, task_states
 
 
-TIME_COLUMNS = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "efficient", "host"}
+TIME_COLUMNS = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "efficient", "host",
+                # provenance: a process started while tests/test_caching.py edits a method file (tests run in
+                # parallel) digests that edit; the results it pins are the same
+                "code_sha"}
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
