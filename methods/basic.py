@@ -11,7 +11,7 @@ from torch import nn
 from rumflow.data import Split
 from rumflow.methods.registry import (MethodParams, NoParams, UnlearnContext, epoch_batches, register,
                                       register_preset, retain_count)
-from rumflow.training import batches_per_epoch, check_loss, minibatches, sgd, train_model
+from rumflow.training import batches_per_epoch, check_loss, sgd, train_model
 
 
 @register("none", NoParams)

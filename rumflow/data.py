@@ -8,7 +8,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rumflow.errors import ConfigError
 from rumflow.registry import Registry
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache

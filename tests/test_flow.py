@@ -6,10 +6,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from apihelpers import read_artifacts, run_experiment, task_states
 

@@ -21,7 +21,7 @@ import torch
 
 from rumflow.artifacts import runfolder
 from rumflow.artifacts.checkpoints import state_digest
-from rumflow.artifacts.tables import read_parquet, write_parquet, write_text
+from rumflow.artifacts.tables import write_parquet, write_text
 from rumflow.errors import DataError, DiskFullError, OutputError, RunFolderBusy, RunFolderError
 
 DIGEST = "c0ffee" * 10 + "abcd"

@@ -12,7 +12,7 @@ import rumflow.methods.relabel as relabel
 import rumflow.methods.soft_relabel as soft
 from rumflow.artifacts.checkpoints import CheckpointStore
 from rumflow.config import ModelConfig
-from rumflow.data import Split, load_dataset
+from rumflow.data import load_dataset
 from rumflow.errors import ConfigError
 from rumflow.methods import METHODS, UnlearnContext, run_method, validate_params
 from rumflow.methods.boundary import fgsm_neighbours

@@ -1,7 +1,5 @@
 """The service's pure parts and its store: request parsing and every refusal, tiers of a given request,
 gates, and the SQLite ledger (durable requests, one ledger row per request, the lease). No Prefect."""
-import json
-import os
 import sqlite3
 import subprocess
 import sys
