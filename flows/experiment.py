@@ -10,7 +10,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
@@ -139,41 +139,71 @@ def method_code(spec: MethodSpec) -> str:
 
 
 def submit_chain_step(s: Submitter, seed: int, proxy: str, k: int, chain: dict[str, Any],
-                      original: PrefectFuture) -> Step:
-    """Step k of a (seed, proxy) chain: plan, retrain reference, RUM's tiers, vanilla, evaluations."""
+                      original: PrefectFuture) -> Iterator[None]:
+    """Step k of a (seed, proxy) chain: plan, retrain reference, RUM's tiers, vanilla, evaluations.
+
+    A generator that pauses after each submit (see `interleave`); it returns the step's Step."""
     cfg, where = s.cfg, f"s{seed}/{proxy}/step{k}"
     tagged = {"seed": seed, "proxy": proxy, "step": k}
     if k > 1 and proxy in cfg.recompute:
         chain["scores"] = s.scores(proxy, seed, original, chain["rum"], f"{where}/{proxy}-on-rum", tagged)
         chain["recomputed"].append((k, chain["scores"]))
+        yield
     plan = s.submit("plan", where, tagged, step=k, proxy=proxy, scores=chain["scores"], previous=chain["plan"],
                     per_tier=cfg.forget.per_tier, data=cfg.data, device=cfg.device, workdir=s.workdir)
     chain["plan"] = plan
+    yield
     step = Step(seed, proxy, k)
     retrain = s.train(seed, plan, f"{where}/retrain", tagged)
+    yield
     if k == 1:
         step.rows.append(Row(seed, proxy, "original", 0, "mix", True, NONE, original,
                              s.evaluate(original, plan, seed, f"{where}/original", tagged), plan, retrain,
                              TRAIN_CODE))
+        yield
     step.rows.append(Row(seed, proxy, "retrain", k, "mix", True, RETRAIN, retrain,
                          s.evaluate(retrain, plan, seed, f"{where}/retrain", tagged), plan, retrain, TRAIN_CODE))
+    yield
     earlier: list[PrefectFuture] = []
     for stage in TIERS:
         spec = getattr(cfg.rum, stage)
         label = f"{where}/rum-{stage}/{spec.method}"
         chain["rum"] = s.unlearn(chain["rum"], plan, stage, spec, unlearn_seed(seed, k, stage), label, tagged)
+        yield
         step.rows.append(Row(seed, proxy, "rum", k, stage, stage == TIERS[-1], spec, chain["rum"],
                              s.evaluate(chain["rum"], plan, seed, label, tagged), plan, retrain, method_code(spec),
                              after=list(earlier)))
         earlier.append(chain["rum"])
+        yield
     label = f"{where}/vanilla/{cfg.vanilla.method}"
     chain["vanilla"] = s.unlearn(chain["vanilla"], plan, "mix", cfg.vanilla, unlearn_seed(seed, k, "mix"), label,
                                  tagged)
+    yield
     step.rows.append(Row(seed, proxy, "vanilla", k, "mix", True, cfg.vanilla, chain["vanilla"],
                          s.evaluate(chain["vanilla"], plan, seed, label, tagged), plan, retrain,
                          method_code(cfg.vanilla)))
     chain["plans"].append(plan)
     return step
+
+
+def interleave(steps: list[Iterator[None]]) -> list[Any]:
+    """Run the submitting generators one submit at a time, round robin, and return what each returned.
+
+    The thread and process runners take tasks first in, first out, and a task waiting for its upstream
+    holds its worker: interleaving the chains puts tasks of other chains between a task and the one
+    that needs it, so the workers run chains side by side instead of waiting on each other."""
+    results: list[Any] = [None] * len(steps)
+    live = list(enumerate(steps))
+    while live:
+        still = []
+        for i, gen in live:
+            try:
+                next(gen)
+                still.append((i, gen))
+            except StopIteration as done:
+                results[i] = done.value
+        live = still
+    return results
 
 
 def build_rows(cfg: ExperimentConfig, base: dict[str, Any], step: Step, n_train: int) -> list[dict[str, Any]]:
@@ -291,9 +321,9 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
                           "scores": scores[seed][p], "recomputed": []}
               for seed in cfg.seeds for p in cfg.proxies}
     steps: list[Step] = []
-    for k in range(1, cfg.forget.steps + 1):  # round robin over the chains keeps every worker busy
-        for (seed, p), chain in chains.items():
-            steps.append(submit_chain_step(s, seed, p, k, chain, originals[seed]))
+    for k in range(1, cfg.forget.steps + 1):  # the chains' tasks interleaved, so every worker stays busy
+        steps += interleave([submit_chain_step(s, seed, p, k, chain, originals[seed])
+                             for (seed, p), chain in chains.items()])
     fq = []
     if cfg.evaluate.forgetting_quality.models:
         first = cfg.seeds[0]
