@@ -1,9 +1,12 @@
 """The service's transactional store: requests, model versions, steps, the ledger, audits and the lease.
 
-SQLite in the service folder (stdlib sqlite3, WAL journal, synchronous=FULL): every change is one
-transaction (`BEGIN IMMEDIATE`), so a request is durable when `add_request` returns, and a step's ledger
-rows, its requests' new states and the promotion of its version commit together or not at all.
-A shared deployment would put the same tables behind a database URL; only SQLite is implemented.
+Two databases behind one API. By default SQLite in the service folder (stdlib sqlite3, WAL journal,
+synchronous=FULL); for a shared deployment PostgreSQL behind a URL (`store.url: postgresql://...`,
+psycopg 3, the `postgres` extra). Every change is one transaction that takes the store's writer lock
+first (`BEGIN IMMEDIATE` in SQLite, `LOCK TABLE meta IN EXCLUSIVE MODE` in PostgreSQL), so write
+transactions run one after another on either database: a request is durable when `add_request`
+returns, the lease has one holder, and a step's ledger rows, its requests' new states and the promotion
+of its version commit together or not at all.
 """
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -112,18 +116,62 @@ class Step:
         return f"v{self.target}"
 
 
-class Ledger:
-    """One service's store; every public method is one transaction."""
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ConfigError(f"'{self.path.parent}' holds no service ledger; create the service first with "
-                              "`rumflow service create --config service.yaml`.")
-        self._conn = self._connect(self.path)
+
+def is_url(target: str | Path) -> bool:
+    """Whether a store target is a database URL (else it is the path of a SQLite file)."""
+    return isinstance(target, str) and "://" in target
+
+
+def store_target(url: str | None, root: str | Path) -> str | Path:
+    """The store of a service: its database URL, or the SQLite file in its folder when `url` is null."""
+    return url if url else Path(root) / LEDGER_FILE
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class Row(tuple):
+    """A PostgreSQL result row readable by position and by column name, like sqlite3.Row."""
+
+    names: tuple[str, ...]
+
+    def __new__(cls, names: tuple[str, ...], values: Iterable[Any]) -> "Row":
+        row = super().__new__(cls, values)
+        row.names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self.names.index(key) if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+def _row_factory(cursor: Any) -> Any:
+    names = tuple(d.name for d in cursor.description or ())
+    return lambda values: Row(names, values)
+
+
+class Store:
+    """One connection to the service's database and the few things its dialect spells differently:
+    placeholders (`?` here, `%s` in psycopg), the writer lock, column types and row objects."""
+
+    def __init__(self, target: str | Path):
+        self.target = target
+        self.dialect = "postgresql" if is_url(target) else "sqlite"
+        postgres = self.dialect == "postgresql"
+        self.conn = self._pg_connect(str(target)) if postgres else self._sqlite_connect(Path(target))
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _sqlite_connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
@@ -132,36 +180,161 @@ class Ledger:
         conn.execute("PRAGMA busy_timeout=60000")
         return conn
 
+    @staticmethod
+    def _pg_connect(url: str) -> Any:
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("store.url names a PostgreSQL database, which needs psycopg: install it with "
+                              "`pip install -e \".[postgres]\"`.") from None
+        try:
+            port = psycopg.conninfo.conninfo_to_dict(url).get("port")
+            if port is not None and not all(p.isdigit() and 0 < int(p) < 65536 for p in str(port).split(",")):
+                raise psycopg.ProgrammingError(f"port '{port}' is not a TCP port number")
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(f"store.url '{masked(url)}' is not a valid PostgreSQL URL ({_first_line(exc)}); "
+                              "write it as postgresql://user@host:port/database.") from None
+        try:
+            # autocommit: a read is its own statement; a write is an explicit BEGIN ... COMMIT (transaction())
+            return psycopg.connect(url, autocommit=True, row_factory=_row_factory, connect_timeout=30)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot connect to the service store at {masked(url)} ({_first_line(exc)}); check "
+                              "store.url and that the database server is running.") from None
+
+    def sql(self, text: str) -> str:
+        """A statement written with `?` placeholders, in this dialect."""
+        return text if self.dialect == "sqlite" else text.replace("%", "%%").replace("?", "%s")
+
+    def execute(self, text: str, params: Iterable[Any] = ()) -> Any:
+        return self.conn.execute(self.sql(text), tuple(params))
+
+    def executemany(self, text: str, rows: Iterable[Iterable[Any]]) -> None:
+        rows = [tuple(r) for r in rows]
+        if not rows:
+            return
+        if self.dialect == "sqlite":
+            self.conn.executemany(text, rows)
+        else:
+            with self.conn.cursor() as cur:
+                cur.executemany(self.sql(text), rows)
+
+    def begin(self) -> None:
+        """Start a write transaction holding the store's writer lock until COMMIT or ROLLBACK."""
+        if self.dialect == "sqlite":
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:  # EXCLUSIVE conflicts with itself (one writer at a time) but not with plain reads
+            self.conn.execute("BEGIN")
+            self.conn.execute("LOCK TABLE meta IN EXCLUSIVE MODE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except Exception:  # a broken connection: the server rolls the transaction back itself
+            pass
+
+    def schema(self) -> list[str]:
+        """The CREATE statements of the tables, in this dialect."""
+        text = SCHEMA
+        if self.dialect == "postgresql":  # REAL is 4 bytes there: a heartbeat's time.time() needs 8
+            text = text.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "INTEGER GENERATED BY DEFAULT AS IDENTITY "
+                                "PRIMARY KEY").replace(" REAL", " DOUBLE PRECISION")
+        return [s.strip() for s in text.split(";") if s.strip()]
+
+    def has_tables(self) -> bool:
+        """Whether the service's tables exist here (a SQLite file or the PostgreSQL search path)."""
+        if self.dialect == "sqlite":
+            query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        else:
+            query = "SELECT 1 WHERE to_regclass('meta') IS NOT NULL"
+        return self.execute(query).fetchone() is not None
+
+    def describe(self) -> str:
+        return f"'{self.target}'" if self.dialect == "sqlite" else masked(str(self.target))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+class Ledger:
+    """One service's store; every public method is one transaction."""
+
+    def __init__(self, target: str | Path):
+        """Open the ledger at `target`: a SQLite file's path or a PostgreSQL URL."""
+        self.target = target if is_url(target) else Path(target)
+        if not is_url(target) and not self.target.is_file():
+            raise ConfigError(f"'{self.target.parent}' holds no service ledger; create the service first with "
+                              "`rumflow service create --config service.yaml`.")
+        self._conn = Store(self.target)
+        if is_url(target) and not self._conn.has_tables():
+            self._conn.close()
+            raise ConfigError(f"the database at {masked(target)} holds no service ledger; create the service "
+                              "first with `rumflow service create --config service.yaml`.")
+
+    @property
+    def dialect(self) -> str:
+        return self._conn.dialect
+
+    @staticmethod
+    def exists(target: str | Path) -> bool:
+        """Whether a service ledger is at `target` already."""
+        if not is_url(target):
+            return Path(target).exists()
+        store = Store(target)
+        try:
+            return store.has_tables()
+        finally:
+            store.close()
+
     @classmethod
-    def create(cls, path: str | Path, name: str, config_sha: str) -> "Ledger":
+    def create(cls, target: str | Path, name: str, config_sha: str) -> "Ledger":
         """Create the tables of a new service (refuses an existing ledger)."""
-        path = Path(path)
-        if path.exists():
-            raise ConfigError(f"'{path.parent}' already holds a service; choose another --dir or remove it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(path)
-        conn.executescript(SCHEMA)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("name", name), ("config_sha", config_sha),
-                                                            ("created_at", now()), ("schema", "1")])
-        conn.execute("COMMIT")
-        conn.close()
-        return cls(path)
+        if not is_url(target):
+            target = Path(target)
+            if target.exists():
+                raise ConfigError(f"'{target.parent}' already holds a service; choose another --dir or remove it.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(target)
+        try:
+            if store.dialect == "sqlite":
+                store.conn.executescript(";\n".join(store.schema()) + ";")
+                store.begin()
+            else:  # DDL is transactional in PostgreSQL: the tables appear together, with their meta rows
+                store.execute("BEGIN")
+                if store.has_tables():
+                    store.rollback()
+                    raise ConfigError(f"the database at {masked(target)} already holds a service; give each "
+                                      "service its own database (or schema), or drop its tables.")
+                for statement in store.schema():
+                    store.execute(statement)
+                store.execute("LOCK TABLE meta IN EXCLUSIVE MODE")
+            store.executemany("INSERT INTO meta VALUES (?, ?)", [("name", name), ("config_sha", config_sha),
+                                                                 ("created_at", now()), ("schema", "1")])
+            store.commit()
+        finally:
+            store.close()
+        return cls(target)
 
     def close(self) -> None:
         self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error): the writer lock is taken up front."""
+    def transaction(self) -> Iterator[Store]:
+        """BEGIN (taking the writer lock up front) ... COMMIT, ROLLBACK on any error."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        conn.begin()
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.rollback()
             raise
-        conn.execute("COMMIT")
+        conn.commit()
 
     def meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -175,7 +348,8 @@ class Ledger:
             if c.execute("SELECT 1 FROM versions WHERE version = 0").fetchone():
                 return
             c.execute("INSERT INTO versions VALUES (0, ?, NULL, NULL, 1, ?, ?)", (sha256, now(), origin))
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('current_version', '0')")
+            c.execute("INSERT INTO meta VALUES ('current_version', '0') ON CONFLICT (key) DO UPDATE SET value = "
+                      "excluded.value")
 
     def current(self) -> tuple[int, str]:
         """(version, sha256) of the production model."""
@@ -198,7 +372,7 @@ class Ledger:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def _owners(self, c: sqlite3.Connection, states: tuple[str, ...]) -> dict[int, str]:
+    def _owners(self, c: Store, states: tuple[str, ...]) -> dict[int, str]:
         marks = ",".join("?" * len(states))
         rows = c.execute(f"SELECT e.example_id, e.request_id FROM request_examples e JOIN requests r "
                          f"USING (request_id) WHERE r.state IN ({marks})", states)
@@ -376,7 +550,9 @@ class Ledger:
                 if not (dead or stale):
                     return None
             stamp = time.time()
-            c.execute("INSERT OR REPLACE INTO lease VALUES ('service', ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO lease VALUES ('service', ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                      "holder = excluded.holder, host = excluded.host, pid = excluded.pid, pid_start = "
+                      "excluded.pid_start, acquired = excluded.acquired, heartbeat = excluded.heartbeat",
                       (holder, me, pid, _pid_start(pid), stamp, stamp))
         return {} if row is None else dict(row)
 

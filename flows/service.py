@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 
 import rumflow
 from rumflow.artifacts.checkpoints import atomic_write_bytes
-from rumflow.artifacts.ledger import LEDGER_FILE, Ledger, Step, fsync_dir
+from rumflow.artifacts.ledger import Ledger, Step, fsync_dir, is_url, masked, store_target
 from rumflow.artifacts.prefect_artifacts import advance_progress, artifact_key, start_progress
 from rumflow.artifacts.tables import write_text
 from rumflow.errors import ConfigError, DivergenceError
@@ -73,7 +73,7 @@ def lease(folder: ServiceFolder, holder: str) -> Iterator[bool]:
     stop = threading.Event()
 
     def beat() -> None:
-        beat_ledger = Ledger(folder.root / LEDGER_FILE)  # its own connection: sqlite3 objects are per thread
+        beat_ledger = Ledger(folder.store)  # its own connection: a connection serves one thread
         while not stop.wait(max(cfg.timeout / 10, 0.5)):
             if not beat_ledger.heartbeat(holder):
                 break
@@ -117,15 +117,18 @@ def service_create(service: str) -> dict[str, Any]:
 
 
 def create_folder(cfg: ServiceConfig, root: Path) -> Path:
-    """Write service.yaml and an empty ledger in `root` (or reuse them when the same config is there
-    and version 0 is not made yet, to finish an interrupted create)."""
+    """Write service.yaml and an empty ledger in `root` and the store (or reuse them when the same config
+    is there and version 0 is not made yet, to finish an interrupted create)."""
     root = Path(root).expanduser().resolve()
-    ledger = root / LEDGER_FILE
-    if ledger.exists():
+    target = store_target(cfg.store.url, root)
+    if (root / SERVICE_FILE).is_file() and Ledger.exists(target):
         folder = ServiceFolder.open(root)
         if folder.cfg.digest() != cfg.digest() or folder.ledger.meta("current_version") is not None:
             raise ConfigError(f"'{root}' already holds a service; choose another --dir or remove it.")
         return root
+    if is_url(target) and Ledger.exists(target):  # checked before anything is written
+        raise ConfigError(f"the database at {masked(target)} already holds a service; give each service its "
+                          "own database (or schema), or drop its tables.")
     ids = dataset_on(cfg.data, "cpu").train.ids()  # the data loads before anything is written
     if cfg.version0.source == "experiment":  # and the experiment's model is the right one and intact
         experiment_original(Path(cfg.version0.run), cfg.version0.seed, cfg.data, cfg.model)
@@ -134,7 +137,7 @@ def create_folder(cfg: ServiceConfig, root: Path) -> Path:
     np.save(buf, ids)
     atomic_write_bytes(root / TRAIN_IDS, buf.getvalue())  # what `rumflow request add` validates against
     write_text(dump_service_config(cfg), root / SERVICE_FILE)
-    Ledger.create(ledger, cfg.name, cfg.digest()).close()
+    Ledger.create(target, cfg.name, cfg.digest()).close()
     return root
 
 

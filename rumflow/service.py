@@ -76,6 +76,21 @@ class LeaseConfig(Strict):
                         "it finishes without work")
 
 
+class StoreConfig(Strict):
+    url: str | None = Field(None, description="null: SQLite (ledger.sqlite) in the service folder; or a "
+                            "PostgreSQL URL, postgresql://user@host:port/database, for a shared deployment "
+                            "(needs the postgres extra; libpq's PGPASSWORD or ~/.pgpass keep the password out "
+                            "of the config)")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in ("postgresql", "postgres"):
+            raise ValueError(f"'{v}' is not a PostgreSQL URL; write postgresql://user@host:port/database, or "
+                             "null for SQLite in the service folder")
+        return v
+
+
 SERVICE_PROXIES = ("holdout_retraining", "confidence", "max_confidence", "entropy", "binary_accuracy")
 
 
@@ -101,6 +116,7 @@ class ServiceConfig(Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig, description="where the requests and the ledger live")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
     @field_validator("proxy")
@@ -131,8 +147,8 @@ class ServiceConfig(Strict):
         return self
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of everything that decides the numbers (not the name or lease)."""
-        body = self.model_dump(mode="json", exclude={"name", "lease"})
+        """sha256 of the canonical JSON of everything that decides the numbers (not the name, lease or store)."""
+        body = self.model_dump(mode="json", exclude={"name", "lease", "store"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -346,14 +362,22 @@ class ServiceFolder:
 
     @classmethod
     def open(cls, root: str | Path) -> "ServiceFolder":
-        """Open an existing service folder; ConfigError naming the fix when it is not one."""
-        from rumflow.artifacts.ledger import LEDGER_FILE, Ledger
+        """Open an existing service folder and its store; ConfigError naming the fix when it is not one."""
+        from rumflow.artifacts.ledger import Ledger, store_target
 
         root = Path(root).expanduser()
-        if not (root / SERVICE_FILE).is_file() or not (root / LEDGER_FILE).is_file():
-            raise ConfigError(f"'{root}' is not a service folder (no {SERVICE_FILE} and {LEDGER_FILE}); create one "
-                              "with `rumflow service create --config service.yaml` or pass --service DIR.")
-        return cls(root, load_service_config(root / SERVICE_FILE), Ledger(root / LEDGER_FILE))
+        if not (root / SERVICE_FILE).is_file():
+            raise ConfigError(f"'{root}' is not a service folder (no {SERVICE_FILE}); create one with "
+                              "`rumflow service create --config service.yaml` or pass --service DIR.")
+        cfg = load_service_config(root / SERVICE_FILE)
+        return cls(root, cfg, Ledger(store_target(cfg.store.url, root.resolve())))
+
+    @property
+    def store(self) -> str | Path:
+        """The service's store: its database URL, or the path of its SQLite file."""
+        from rumflow.artifacts.ledger import store_target
+
+        return store_target(self.cfg.store.url, self.root)
 
     @property
     def models(self) -> Path:

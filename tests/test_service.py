@@ -1,9 +1,5 @@
-"""The service's pure parts and its store: request parsing and every refusal, tiers of a given request,
-gates, and the SQLite ledger (durable requests, one ledger row per request, the lease). No Prefect."""
-import sqlite3
-import subprocess
-import sys
-
+"""The service's pure parts: request parsing and every refusal, tiers of a given request, the gates and
+the request commands. No Prefect. The store (SQLite and PostgreSQL) is tested in test_ledger_store.py."""
 import numpy as np
 import pytest
 
@@ -144,115 +140,7 @@ def test_gates_pass_and_reject():
     assert not verdicts["min_mia"]["passed"] and verdicts["max_test_drop"]["passed"]
 
 
-# -- the ledger ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def ledger(tmp_path):
-    led = Ledger.create(tmp_path / LEDGER_FILE, "t", "sha")
-    led.set_version0("a" * 64, "test")
-    yield led
-    led.close()
-
-
-def test_requests_are_durable_and_refusals_change_nothing(ledger, tmp_path):
-    req = ledger.add_request([4, 2], TRAIN, note="ticket 1")
-    assert req["request_id"] == "r1" and req["state"] == "queued" and req["n_examples"] == 2
-    before = sqlite3.connect(tmp_path / LEDGER_FILE).execute("SELECT COUNT(*) FROM request_examples").fetchone()
-    for bad in ([2, 8], [3], []):
-        with pytest.raises(ConfigError):
-            ledger.add_request(bad, TRAIN)
-    with pytest.raises(ConfigError, match="a request with id 'r1' already exists"):
-        ledger.add_request([8], TRAIN, request_id="r1")
-    with pytest.raises(ConfigError, match="request id 'bad id' is not valid"):
-        ledger.add_request([8], TRAIN, request_id="bad id")
-    # another process sees exactly the accepted request
-    code = ("import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
-            "print(c.execute('SELECT COUNT(*) FROM requests').fetchone()[0], "
-            "c.execute('SELECT COUNT(*) FROM request_examples').fetchone()[0])")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / LEDGER_FILE)], capture_output=True, text=True)
-    assert out.stdout.split() == ["1", str(before[0])] == ["1", "2"]
-    assert ledger.request_ids("r1") == [2, 4]
-
-
-def test_a_step_commits_one_row_per_request_and_promotes_once(ledger):
-    ledger.add_request([2, 4], TRAIN)
-    ledger.add_request([6], TRAIN, request_id="ticket-9")
-    assert ledger.try_lease("me", 60) == {}
-    step = ledger.open_step("all", "me")
-    assert step.request_ids == ["r1", "ticket-9"] and step.example_ids == [2, 4, 6] and step.target == 1
-    assert {r["state"] for r in ledger.requests()} == {"running"}
-    again = ledger.open_step("all", "me")  # a crashed run's step is resumed, not a new one
-    assert again.step == step.step and again.resumed and again.request_ids == step.request_ids
-    with pytest.raises(ConfigError, match="already queued"):
-        ledger.add_request([4], TRAIN)  # running ids are pending too
-    with pytest.raises(RuntimeError, match="lost the service lease"):
-        ledger.commit_step(step, "b" * 64, True, None, {"figures": {}}, "someone-else")
-    version = ledger.commit_step(step, "b" * 64, True, None, {"figures": {"acc_forget": 0.5}, "gates": []}, "me")
-    assert version == 1 and ledger.current() == (1, "b" * 64)
-    with pytest.raises(RuntimeError, match="not running any more"):
-        ledger.commit_step(step, "b" * 64, True, None, {}, "me")
-    rows = ledger.rows()
-    assert [r["request_id"] for r in rows] == ["r1", "ticket-9"]
-    assert all(r["version"] == 1 and r["parent_version"] == 0 and r["figures"]["acc_forget"] == 0.5 for r in rows)
-    assert ledger.forgotten() == [2, 4, 6]
-    assert ledger.open_step("all", "me") is None
-    with pytest.raises(ConfigError, match="already forgotten"):
-        ledger.add_request([6], TRAIN)
-
-
-def test_a_failed_step_keeps_the_version_unpromoted_and_frees_the_ids(ledger):
-    ledger.add_request([2], TRAIN)
-    ledger.add_request([4], TRAIN)
-    ledger.try_lease("me", 60)
-    step = ledger.open_step("one", "me")
-    assert step.request_ids == ["r1"]
-    assert ledger.commit_step(step, "c" * 64, False, "missed a gate", {"gates": []}, "me") == 1
-    assert ledger.current()[0] == 0 and ledger.version(1)["promoted"] == 0
-    assert ledger.request("r1")["state"] == "failed" and ledger.request("r1")["reason"] == "missed a gate"
-    assert ledger.forgotten() == []
-    ledger.add_request([2], TRAIN)  # a failed request's ids may be sent again
-    step = ledger.open_step("one", "me")
-    assert step.request_ids == ["r2"] and step.parent == 0 and step.target == 2
-    with pytest.raises(ConfigError, match="no version 7; versions run from 0 to 1"):
-        ledger.version(7)
-
-
-def test_withdraw_only_a_queued_request(ledger):
-    ledger.add_request([2], TRAIN)
-    ledger.reject("r1", "sent by mistake")
-    assert ledger.request("r1")["state"] == "rejected"
-    with pytest.raises(ConfigError, match="is rejected, not queued"):
-        ledger.reject("r1", "again")
-    ledger.add_request([2], TRAIN)  # the ids are free again
-
-
-def test_lease_excludes_a_live_holder_and_takes_over_a_dead_one(ledger, tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import sys,time; sys.stdin.read()"], stdin=subprocess.PIPE)
-    code = ("import sys; from rumflow.artifacts.ledger import Ledger; "
-            "print(Ledger(sys.argv[1]).try_lease('other', 60) is not None); sys.stdout.flush(); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / LEDGER_FILE)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "True"
-    assert ledger.try_lease("me", 60) is None  # a live process holds it
-    assert ledger.lease_holder()["pid"] == holder.pid
-    holder.kill()
-    holder.wait()
-    previous = ledger.try_lease("me", 60)  # its holder died: taken over at once
-    assert previous["holder"] == "other" and ledger.holds_lease("me")
-    assert ledger.heartbeat("me") and not ledger.heartbeat("other")
-    ledger.release("me")
-    assert ledger.lease_holder() is None
-    child.kill()
-    child.wait()
-
-
-def test_opening_a_missing_ledger_names_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="create the service first"):
-        Ledger(tmp_path / LEDGER_FILE)
-    Ledger.create(tmp_path / LEDGER_FILE, "t", "sha").close()
-    with pytest.raises(ConfigError, match="already holds a service"):
-        Ledger.create(tmp_path / LEDGER_FILE, "t", "sha")
-
+# -- the request commands (the store itself: tests/test_ledger_store.py) -----------------------------
 
 def test_request_commands_from_the_cli(tmp_path, capsys, monkeypatch):
     from rumflow.cli import main
