@@ -45,11 +45,12 @@ class GateConfig(Strict):
     """What a new version must satisfy to be promoted (null turns a gate off)."""
 
     forget_alpha: float | None = Field(
-        0.05, gt=0, lt=1, description="one-sided binomial test: fail when the forgotten examples are classified "
-        "correctly more often than held-out (test) accuracy explains, at this significance level")
+        0.05, gt=0, lt=1, description="two-sided binomial test: fail when accuracy on the forgotten examples "
+        "differs from held-out (test) accuracy, above it (forgets too little) or below it (forgets too much, "
+        "itself a membership signal), by more than chance explains at this significance level")
     max_forget_gap: float | None = Field(
-        None, ge=-1, le=1, description="fail when accuracy on the forgotten examples exceeds held-out (test) "
-        "accuracy by more than this")
+        None, ge=0, le=1, description="tolerance band: fail when accuracy on the forgotten examples is more than "
+        "this above or below held-out (test) accuracy")
     min_mia: float | None = Field(
         None, ge=0, le=1, description="fail when MIA efficacy on the forgotten examples (fraction judged "
         "non-members) is below this")
@@ -271,17 +272,18 @@ def validate_request(ids: list[int], train_ids: np.ndarray, forgotten: dict[int,
 
 
 def forget_p_value(correct: int, n: int, heldout_accuracy: float) -> float:
-    """P(X >= correct) for X ~ Binomial(n, heldout_accuracy): how surprising the forgotten examples'
-    accuracy would be if they were unseen examples (1.0 for an empty set)."""
+    """Two-sided binomial test of `correct` out of `n` against X ~ Binomial(n, heldout_accuracy): the
+    probability of an outcome at most as likely as this one if the forgotten examples were unseen ones
+    (scipy's binomtest; 1.0 for an empty set). Small when they score far above or far below held-out."""
     if n == 0 or not math.isfinite(heldout_accuracy):
         return 1.0
-    from scipy.stats import binom
+    from scipy.stats import binomtest
 
-    return float(binom.sf(correct - 1, n, min(max(heldout_accuracy, 0.0), 1.0)))
+    return float(binomtest(int(correct), int(n), min(max(heldout_accuracy, 0.0), 1.0)).pvalue)
 
 
 def derived_figures(new: dict[str, float], prev: dict[str, float], n_forget: int) -> dict[str, float]:
-    """Comparisons the gates read: forget gap and p-value, retain and test drops from the parent."""
+    """Comparisons the gates read: forget gap (signed) and p-value, retain and test drops from the parent."""
     correct = int(round(new["acc_forget"] * n_forget)) if n_forget else 0
     return {
         "forget_gap": new["acc_forget"] - new["acc_test"] if n_forget else float("nan"),
@@ -291,24 +293,33 @@ def derived_figures(new: dict[str, float], prev: dict[str, float], n_forget: int
     }
 
 
+GATE_RULES = (  # gate, the figure it reads, the passing condition, the rule as the ledger states it
+    ("forget_alpha", "forget_p", lambda v, t: v >= t,
+     "two-sided binomial p-value of forget accuracy against test accuracy >= {t}"),
+    ("max_forget_gap", "forget_gap", lambda v, t: abs(v) <= t, "|forget accuracy - test accuracy| <= {t}"),
+    ("min_mia", "mia", lambda v, t: v >= t, "MIA efficacy on the forgotten examples >= {t}"),
+    ("max_retain_drop", "retain_drop", lambda v, t: v <= t, "retain accuracy drop <= {t}"),
+    ("max_test_drop", "test_drop", lambda v, t: v <= t, "test accuracy drop <= {t}"),
+)
+FORGET_GATES = ("forget_alpha", "max_forget_gap")
+
+
 def apply_gates(figures: dict[str, float], gates: GateConfig) -> list[dict[str, Any]]:
-    """One verdict per enabled gate: {gate, value, threshold, passed, rule}."""
-    rules = [
-        ("forget_alpha", "forget_p", lambda v, t: v >= t, "p-value of the forget accuracy >= {t}"),
-        ("max_forget_gap", "forget_gap", lambda v, t: v <= t, "forget accuracy - test accuracy <= {t}"),
-        ("min_mia", "mia", lambda v, t: v >= t, "MIA efficacy on the forgotten examples >= {t}"),
-        ("max_retain_drop", "retain_drop", lambda v, t: v <= t, "retain accuracy drop <= {t}"),
-        ("max_test_drop", "test_drop", lambda v, t: v <= t, "test accuracy drop <= {t}"),
-    ]
+    """One verdict per enabled gate: {gate, figure, value, threshold, passed, rule}; the two forget gates
+    also say on which side of held-out accuracy the forget accuracy lies (side: above | below | equal)."""
     verdicts = []
-    for gate, figure, ok, rule in rules:
+    gap = float(figures.get("forget_gap", float("nan")))
+    for gate, figure, ok, rule in GATE_RULES:
         threshold = getattr(gates, gate)
         if threshold is None:
             continue
         value = float(figures.get(figure, float("nan")))
         passed = bool(math.isfinite(value) and ok(value, threshold))  # an unmeasured figure fails its gate
-        verdicts.append({"gate": gate, "figure": figure, "value": value, "threshold": threshold,
-                         "passed": passed, "rule": rule.format(t=threshold)})
+        verdict = {"gate": gate, "figure": figure, "value": value, "threshold": threshold, "passed": passed,
+                   "rule": rule.format(t=threshold)}
+        if gate in FORGET_GATES and math.isfinite(gap):
+            verdict["side"] = "above" if gap > 0 else "below" if gap < 0 else "equal"
+        verdicts.append(verdict)
     return verdicts
 
 
@@ -317,7 +328,10 @@ def gate_failure(verdicts: list[dict[str, Any]]) -> str | None:
     missed = [v for v in verdicts if not v["passed"]]
     if not missed:
         return None
-    parts = [f"{v['gate']} ({v['figure']} = {v['value']:.4g}; needs {v['rule']})" for v in missed]
+    why = {"above": "forget accuracy above test accuracy: it forgets too little",
+           "below": "forget accuracy below test accuracy: it forgets too much, itself a membership signal"}
+    parts = [f"{v['gate']} ({v['figure']} = {v['value']:.4g}"
+             + (f", {why[v['side']]}" if v.get("side") in why else "") + f"; needs {v['rule']})" for v in missed]
     return "the new version missed " + "; ".join(parts) + "; it is kept but not promoted."
 
 

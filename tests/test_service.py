@@ -108,10 +108,12 @@ def test_partition_request_is_disjoint_and_complete():
 
 # -- gates -----------------------------------------------------------------------------------------
 
-def test_forget_p_value():
-    assert forget_p_value(10, 10, 0.5) == pytest.approx(0.5 ** 10)
-    assert forget_p_value(0, 10, 0.9) == pytest.approx(1.0)
+def test_forget_p_value_is_two_sided():
+    assert forget_p_value(10, 10, 0.5) == pytest.approx(2 * 0.5 ** 10)  # symmetric: both tails
+    assert forget_p_value(0, 10, 0.9) == pytest.approx(0.1 ** 10)  # none correct: only that outcome is as rare
+    assert forget_p_value(9, 10, 0.9) == pytest.approx(1.0)  # the most likely outcome
     assert forget_p_value(0, 0, 0.9) == 1.0
+    assert forget_p_value(3, 10, 0.5) == pytest.approx(forget_p_value(7, 10, 0.5))
 
 
 def _figures(**over):
@@ -124,20 +126,40 @@ def _figures(**over):
 def test_gates_pass_and_reject():
     assert all(v["passed"] for v in apply_gates(_figures(), GateConfig()))
     assert gate_failure(apply_gates(_figures(), GateConfig())) is None
-    # every forgotten example still correct while test accuracy is 0.7: p = 0.7**20
+    # every forgotten example still correct while test accuracy is 0.7
     verdicts = apply_gates(_figures(acc_forget=1.0, acc_test=0.7), GateConfig())
     failed = {v["gate"] for v in verdicts if not v["passed"]}
     assert failed == {"forget_alpha", "max_test_drop"}
     sentence = gate_failure(verdicts)
     assert sentence.startswith("the new version missed forget_alpha (forget_p = ") and "kept but not promoted" in sentence
-    strict = GateConfig(max_forget_gap=-0.05, min_mia=0.6, max_retain_drop=0.0, forget_alpha=None, max_test_drop=None)
-    assert {v["gate"] for v in apply_gates(_figures(), strict) if not v["passed"]} == {
+    strict = GateConfig(max_forget_gap=0.0, min_mia=0.6, max_retain_drop=0.0, forget_alpha=None, max_test_drop=None)
+    assert {v["gate"] for v in apply_gates(_figures(acc_forget=0.85), strict) if not v["passed"]} == {
         "max_forget_gap", "min_mia", "max_retain_drop"}
     assert [v["gate"] for v in apply_gates(_figures(), GateConfig(forget_alpha=None, max_retain_drop=None,
                                                                   max_test_drop=None))] == []
     # an unmeasured figure fails its gate rather than passing silently
     verdicts = {v["gate"]: v for v in apply_gates(_figures(mia=float("nan")), GateConfig(min_mia=0.1))}
     assert not verdicts["min_mia"]["passed"] and verdicts["max_test_drop"]["passed"]
+
+
+@pytest.mark.parametrize("gates", [GateConfig(), GateConfig(forget_alpha=None, max_forget_gap=0.1)],
+                         ids=["binomial", "band"])
+def test_the_forget_gates_are_two_sided(gates):
+    """A retrain scores unseen examples like held-out ones: far above held-out accuracy the version forgot
+    too little, far below it forgot too much (a membership signal too); near it, it passes."""
+    only = GateConfig(forget_alpha=gates.forget_alpha, max_forget_gap=gates.max_forget_gap, max_retain_drop=None,
+                      max_test_drop=None)
+    gate = "forget_alpha" if gates.forget_alpha is not None else "max_forget_gap"
+    outcomes = {}
+    for name, acc_forget in (("too little", 1.0), ("in the band", 0.85), ("too much", 0.4)):
+        (verdict,) = apply_gates(_figures(acc_forget=acc_forget, acc_test=0.8), only)  # 20 forgotten examples
+        assert verdict["gate"] == gate
+        outcomes[name] = verdict
+    assert not outcomes["too little"]["passed"] and outcomes["too little"]["side"] == "above"
+    assert not outcomes["too much"]["passed"] and outcomes["too much"]["side"] == "below"
+    assert outcomes["in the band"]["passed"]
+    assert "it forgets too little" in gate_failure([outcomes["too little"]])
+    assert "it forgets too much, itself a membership signal" in gate_failure([outcomes["too much"]])
 
 
 # -- the request commands (the store itself: tests/test_ledger_store.py) -----------------------------
