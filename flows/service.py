@@ -23,6 +23,7 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 import rumflow
 from rumflow.artifacts.checkpoints import atomic_write_bytes
@@ -47,6 +48,18 @@ def _cell(v: Any) -> Any:
     """A JSON-safe table cell (NaN and infinities become empty)."""
     v = v.item() if hasattr(v, "item") else v
     return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
+class StepFailed(RuntimeError):
+    """A step committed with its requests failed (a gate missed, or the unlearning diverged); `result`
+    is what the step returns. The flow run ends Failed with this message, after the commit."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.result = result or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its result (Prefect may persist the state's data)
+        return StepFailed, (str(self), self.result)
 
 
 def _task(t: Any, folder: ServiceFolder) -> Any:
@@ -318,7 +331,8 @@ def run_audit(folder: ServiceFolder, holder: str) -> dict[str, Any]:
 
 @flow(name="rumflow-service-step", log_prints=True)
 def service_step(service: str) -> dict[str, Any]:
-    """Process the queued requests of the service in `service` as one step (or finish at once)."""
+    """Process the queued requests of the service in `service` as one step (or finish at once). A step
+    whose requests fail (a gate missed, a divergence) ends Failed, with the reason, after its commit."""
     folder = ServiceFolder.open(service)
     cfg, log, holder = folder.cfg, get_run_logger(), _holder()
     with lease(folder, holder) as held:
@@ -335,6 +349,10 @@ def service_step(service: str) -> dict[str, Any]:
             result = run_step(folder, step, holder)
             if result.get("promoted") and cfg.audit.every and folder.ledger.promoted_since_audit() >= cfg.audit.every:
                 result["audit"] = run_audit(folder, holder)
+    if result["status"] == "failed":
+        # committed already (version kept, requests failed, no longer queued): the run shows Failed with the
+        # reason in the UI, and a Retry of it finds nothing to do
+        return Failed(message=result["reason"], data=StepFailed(result["reason"], result))
     return result
 
 

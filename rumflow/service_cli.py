@@ -45,7 +45,10 @@ def _open(args: argparse.Namespace):
 
 
 def _run(flow_fn: Any, service: Path) -> dict[str, Any]:
-    """Run a service flow in this process and wait until the API has its task runs' final states."""
+    """Run a service flow in this process and wait until the API has its task runs' final states; a step
+    that failed its requests (the run ends Failed after its commit) returns its result too."""
+    from rumflow.flows.service import StepFailed
+
     state = flow_fn(str(service), return_state=True)
     try:
         from rumflow.cli import _wait_for_records
@@ -53,6 +56,10 @@ def _run(flow_fn: Any, service: Path) -> dict[str, Any]:
         _wait_for_records(state.state_details.flow_run_id)
     except ImportError:  # the experiment CLI's helper moved; the run itself is complete
         pass
+    if state.is_failed():
+        failure = state.result(raise_on_failure=False)
+        if isinstance(failure, StepFailed):
+            return failure.result
     return state.result()
 
 
