@@ -182,8 +182,10 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
         chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
                               "scores": scores[seed][p], "recomputed": []}
                   for seed in cfg.seeds for p in cfg.proxies}
-        steps = [ex.submit_chain_step(s, seed, p, k, chain, originals[seed])
-                 for k in range(1, cfg.forget.steps + 1) for (seed, p), chain in chains.items()]
+        steps = []
+        for k in range(1, cfg.forget.steps + 1):
+            steps += ex.interleave([ex.submit_chain_step(s, seed, p, k, chain, originals[seed])
+                                    for (seed, p), chain in chains.items()])
         fq = []
         if cfg.evaluate.forgetting_quality.models:
             first = cfg.seeds[0]

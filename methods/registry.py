@@ -17,7 +17,7 @@ from rumflow.data import Split
 from rumflow.errors import ConfigError
 from rumflow.methods.common import ensure_finite
 from rumflow.registry import Registry
-from rumflow.training import Recipe, minibatches
+from rumflow.training import Recipe, memory_format, minibatches
 
 
 class Hyperparameters(BaseModel):
@@ -198,9 +198,16 @@ def prepare_method(name: str, params: dict[str, Any] | BaseModel, model: nn.Modu
     p = validate_params(name, params)
     was_training = model.training
     try:
-        return method.prepare.fn(model, forget, retain, p, ctx)
+        with memory_format(model, _channels_last(model, ctx)):
+            return method.prepare.fn(model, forget, retain, p, ctx)
     finally:
         model.train(was_training)
+
+
+def _channels_last(model: nn.Module, ctx: UnlearnContext) -> bool:
+    """Whether the recipe's layout switch puts this model's convolutions in NHWC on its device."""
+    first = next(model.parameters(), None)
+    return first is not None and ctx.recipe.fast.use_channels_last(first.device)
 
 
 def _count_examples(ctx: UnlearnContext) -> Callable[..., None]:
@@ -233,8 +240,12 @@ def run_method(name: str, params: dict[str, Any] | BaseModel, model: nn.Module, 
         ctx.prepared = prepare_method(name, p, model, forget, retain, ctx)
         ctx.stats["prepare_seconds"] = time.perf_counter() - start
     handle = model.register_forward_pre_hook(_count_examples(ctx))
+    channels_last = _channels_last(model, ctx)
     try:
-        out = method.fn(model, forget, retain, p, ctx)
+        with memory_format(model, channels_last):  # NHWC for the method's loops, the weights back after
+            out = method.fn(model, forget, retain, p, ctx)
+            if out is not model and channels_last:
+                out.to(memory_format=torch.contiguous_format)  # a new module leaves in the usual layout
     finally:
         handle.remove()
     for m in out.modules():  # a deep copy made inside the method carries the hook along: drop it

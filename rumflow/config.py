@@ -128,9 +128,10 @@ class TrainConfig(Strict):
     augment: bool | None = Field(None, description="crop+flip; default: on for 32x32 images, off otherwise")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="training precision: bf16 autocast or fp32; auto = bf16 on CUDA (when the GPU "
-        "supports it), fp32 on CPU (bit-identical to a loop without the switch)")
+        "supports it), fp32 on CPU")
     channels_last: Literal["auto"] | bool = Field(
-        "auto", description="NHWC memory format for the convolutions in training; auto = on for CUDA only")
+        "auto", description="NHWC memory format for the convolutions (training, methods, evaluation); auto = on "
+        "for CUDA and CPU; false = plain NCHW")
     compile: bool = Field(False, description="torch.compile the model in every training run (GPU; each run "
                           "pays its compile time; needs a C++ compiler on CPU)")
 

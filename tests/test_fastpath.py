@@ -1,4 +1,4 @@
-"""The GPU fast-path switches: CPU defaults are the plain fp32 loop, bf16 autocast and channels-last work on CPU."""
+"""The fast-path switches: FP32 is the plain loop, the CPU default is fp32 channels-last, bf16 autocast works on CPU."""
 import math
 
 import pytest
@@ -39,25 +39,31 @@ def plain_loop(model: torch.nn.Module, split, r: Recipe, seed: int) -> None:
             sched.step()
 
 
-def test_auto_means_fp32_nchw_on_cpu_and_bf16_channels_last_on_cuda():
+def test_auto_means_fp32_channels_last_on_cpu_and_bf16_channels_last_on_cuda():
     fast = FastPath()
-    assert fast.autocast_dtype(CPU) is None and not fast.use_channels_last(CPU)
+    assert fast.autocast_dtype(CPU) is None and fast.use_channels_last(CPU)
+    assert not FP32.use_channels_last(CPU) and FP32.autocast_dtype(torch.device("cuda")) is None
     assert fast.use_channels_last(torch.device("cuda"))
     assert FastPath("bf16", True).autocast_dtype(CPU) is torch.bfloat16
     assert FastPath("bf16", True).use_channels_last(CPU)
     assert recipe(TrainConfig()).fast == FastPath()  # the config's defaults are the auto switches
 
 
-def test_cpu_defaults_are_bit_identical_to_the_plain_loop(small):
+def test_fp32_is_bit_identical_to_the_plain_loop_and_the_cpu_default_is_its_nhwc_twin(small):
     _, split, spec = small
     r = Recipe(2, 0.05, 32)
     reference = create_model(spec, seed=1)
     plain_loop(reference, split, r, seed=5)
-    digests = {state_digest(reference.state_dict())}
-    for fast in (FastPath(), FP32):
-        model = create_model(spec, seed=1)
-        train_model(model, split, Recipe(2, 0.05, 32, fast=fast), seed=5)
-        digests.add(state_digest(model.state_dict()))
+    model = create_model(spec, seed=1)
+    train_model(model, split, Recipe(2, 0.05, 32, fast=FP32), seed=5)
+    assert state_digest(model.state_dict()) == state_digest(reference.state_dict())
+    # The CPU default (auto) is fp32 channels-last: exactly the explicit switch, and deterministic.
+    digests = set()
+    for fast in (FastPath(), FastPath("fp32", True), FastPath()):
+        nhwc = create_model(spec, seed=1)
+        train_model(nhwc, split, Recipe(2, 0.05, 32, fast=fast), seed=5)
+        assert all(p.is_contiguous() for p in nhwc.parameters())
+        digests.add(state_digest(nhwc.state_dict()))
     assert len(digests) == 1
 
 
@@ -82,14 +88,14 @@ def test_channels_last_gives_the_same_predictions_and_leaves_weights_contiguous(
     ds, split, spec = small
     model = create_model(spec, seed=3)
     train_model(model, split, Recipe(1, 0.05, 32), seed=0)
-    nchw = predict(model, ds.test.x)
+    nchw = predict(model, ds.test.x, fast=FP32)
     nhwc = predict(model, ds.test.x, fast=FastPath("fp32", True))
     assert torch.allclose(nchw, nhwc, atol=1e-4, rtol=1e-4)
     assert all(p.is_contiguous() for p in model.parameters())
     # Training channels-last follows the same trajectory up to float reassociation, and the model can
     # train again afterwards (its weights did not become inference tensors in predict).
     a, b = create_model(spec, seed=4), create_model(spec, seed=4)
-    train_model(a, split, Recipe(2, 0.05, 32), seed=0)
+    train_model(a, split, Recipe(2, 0.05, 32, fast=FP32), seed=0)
     train_model(b, split, Recipe(2, 0.05, 32, fast=FastPath("fp32", True)), seed=0)
     assert all(p.is_contiguous() for p in b.parameters())
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -121,3 +127,22 @@ def test_cuda_defaults_train_in_bf16_channels_last_with_data_on_the_device(small
     assert agree > 0.9
     logits = predict(fast, test_x, fast=FastPath())
     assert logits.dtype == torch.float32 and logits.device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["finetune", "neggrad_plus", "bad_teaching"])
+def test_methods_run_channels_last_and_return_contiguous_weights(small, method):
+    """run_method puts the weights in NHWC for the method's loops (the CPU default) and gives them back
+    in the usual layout, also when the method returns a new module; FP32 keeps NCHW throughout."""
+    from rumflow.methods.registry import UnlearnContext, run_method
+    from rumflow.training import is_channels_last
+
+    ds, split, spec = small
+    for fast, expected in ((FastPath(), True), (FP32, False)):
+        model = create_model(spec, seed=0)
+        seen: list[bool] = []
+        model.register_forward_pre_hook(lambda m, args: seen.append(is_channels_last(m)))
+        ctx = UnlearnContext(seed=0, recipe=Recipe(1, 0.05, 32, fast=fast),
+                             fresh_model=lambda: create_model(spec, seed=9))
+        out = run_method(method, {"epochs": 1}, model, split.take(split.ids()[:20]), split.take(split.ids()[20:]), ctx)
+        assert seen and set(seen) == {expected}
+        assert all(p.is_contiguous() for p in out.parameters())
