@@ -89,6 +89,35 @@ def cluster() -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_SHARED: dict[str, object] = {"users": 0}
+
+
+@contextmanager
+def shared() -> Iterator[str]:
+    """One cluster per test process, however many modules' session fixtures ask for it."""
+    if not _SHARED["users"]:
+        manager = cluster()
+        _SHARED.update(url=manager.__enter__(), manager=manager)
+    _SHARED["users"] = int(_SHARED["users"]) + 1
+    try:
+        yield str(_SHARED["url"])
+    finally:
+        _SHARED["users"] = int(_SHARED["users"]) - 1
+        if not _SHARED["users"]:
+            _SHARED.pop("manager").__exit__(None, None, None)  # type: ignore[union-attr]
+
+
+def pg_admin_url() -> Iterator[str]:
+    """Body of the tests' session fixture: the shared cluster's admin URL, or a skip saying what is missing."""
+    import pytest
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no PostgreSQL for the store tests: {reason}")
+    with shared() as url:
+        yield url
+
+
 def fresh_schema(admin_url: str) -> str:
     """A URL whose search path is a new, empty schema: one service's own tables in the shared cluster."""
     import psycopg

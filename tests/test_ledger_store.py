@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from pgcluster import cluster, fresh_schema, unavailable
+from pgcluster import fresh_schema, pg_admin_url
 
 from rumflow.artifacts.ledger import LEDGER_FILE, Ledger, masked
 from rumflow.errors import ConfigError
@@ -20,12 +20,8 @@ TRAIN = np.arange(0, 100, 2)  # even ids are training examples
 
 @pytest.fixture(scope="session")
 def pg_admin():
-    """The admin URL of a throwaway PostgreSQL cluster (one per test session)."""
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"no PostgreSQL for the store tests: {reason}")
-    with cluster() as url:
-        yield url
+    """The admin URL of a throwaway PostgreSQL cluster (one per test process)."""
+    yield from pg_admin_url()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

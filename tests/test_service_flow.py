@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from apihelpers import read_artifacts, task_states
+from pgcluster import fresh_schema, pg_admin_url
 
 TINY_SERVICE = {
     "name": "tiny-svc",
@@ -22,6 +23,12 @@ TINY_SERVICE = {
     "evaluate": {"mia_max_shadow": 100},
     "lease": {"wait": 240},
 }
+
+
+@pytest.fixture(scope="session")
+def pg_admin():
+    """The admin URL of a throwaway PostgreSQL cluster (skips where initdb or psycopg is missing)."""
+    yield from pg_admin_url()
 
 
 def make_service(path: Path, **over) -> Path:
@@ -228,8 +235,101 @@ def test_sigkill_in_the_middle_of_a_step_then_the_next_run_completes_it_once(pre
     assert step(root)[0] == {"status": "idle"}  # nothing is processed twice
 
 
+def wait_for(predicate, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM a process group we started (SIGKILL if it lingers); its output."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.stdout.read().decode()[-4000:]
+
+
+def task_runs(run_id) -> list[tuple[str, str]]:
+    """(name, state name) of every task run the API holds for a flow run, whatever its attempts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200)
+    return [(r.name, r.state.name if r.state else None) for r in runs]
+
+
+def test_a_run_killed_mid_step_is_retried_from_the_ui_and_completes_once_with_finished_tiers_cached(
+        prefect_api, tmp_path):
+    """The served deployment runs a step in its child process; SIGKILL of that process once the first
+    tiers are done: `rumflow serve` marks the run Crashed; the UI's Retry reschedules the same flow run,
+    serve runs it again, and it completes the step once, its finished tiers' task runs Cached."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    root = make_service(tmp_path / "svc")
+    f = folder(root)
+    train = f.train_ids()
+    add(root, train[:30:2])
+    add(root, train[200:230:2])
+    v0_files = set(f.models.glob("*.pt"))
+    records = lambda: len([p for p in (root / "cache").rglob("*") if p.is_file()])  # noqa: E731
+    before = records()
+    cmd, env = cli(root, "serve", "--cron", "0 0 1 1 *", "--name", "tiny-svc-retry")  # no scheduled run here
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"  # pick a new or retried run up within a second
+    serve = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def deployment():
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name("rumflow-service-step/tiny-svc-retry")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    return None
+
+        dep = wait_for(lambda: serve.poll() is not None or deployment(), 120, "serve to register its deployment")
+        assert serve.poll() is None, stop(serve)
+        run = run_deployment(dep.id, timeout=0)  # the UI's Run button
+        # kill the process running the step (the lease names it) once score, low and mid are recorded
+        wait_for(lambda: serve.poll() is not None or (set(f.models.glob("*.pt")) - v0_files and records() >= before + 3),
+                 240, "the first tiers of the step")
+        holder = f.ledger.lease_holder()
+        assert serve.poll() is None and holder and holder["holder"] == str(run.id), stop(serve)
+        os.kill(holder["pid"], signal.SIGKILL)
+        crashed = wait_for(lambda: (lambda s: s if s.type.value == "CRASHED" else None)(read_run(run.id).state), 60,
+                           "serve to mark the run Crashed")
+        assert f.ledger.rows() == [], "the step finished before it was killed"
+        assert {r["state"] for r in f.ledger.requests()} == {"running"} and crashed.message
+
+        retry(run.id)  # the UI's Retry: the same flow run, rescheduled
+        final = wait_for(lambda: (lambda s: s if s.is_final() else None)(read_run(run.id).state), 240,
+                         "the retried run to finish")
+        assert final.type.value == "COMPLETED", (final, stop(serve))
+    finally:
+        out = stop(serve)
+    assert read_run(run.id).run_count == 2, out
+    rows = f.ledger.rows()
+    assert sorted(r["request_id"] for r in rows) == ["r1", "r2"]  # exactly one row per request
+    assert {r["flow_run_id"] for r in rows} == {str(run.id)}  # committed by the retried run
+    assert [v["version"] for v in f.ledger.versions()] == [0, 1] and f.ledger.current()[0] == 1
+    states = task_runs(run.id)
+    for name in ("score v0/holdout_retraining", "unlearn v1/low/none", "unlearn v1/mid/finetune"):
+        assert (name, "Cached") in states, states
+    assert ("unlearn v1/high/neggrad_plus", "Cached") not in states, states  # it had not finished: it ran again
+    assert {r["state"] for r in f.ledger.requests()} == {"done"}  # nothing left to process twice
+
+
 def test_two_runs_started_at_once_do_not_fork_the_chain(prefect_api, tmp_path):
-    root = make_service(tmp_path / "svc", batch="one")
+    # the chain is the point here, not the gates: both versions are promoted whatever their figures
+    root = make_service(tmp_path / "svc", batch="one", gates={"forget_alpha": None, "max_retain_drop": None,
+                                                              "max_test_drop": None})
     train = folder(root).train_ids()
     add(root, train[:8])
     add(root, train[300:308])
@@ -301,3 +401,40 @@ def test_version0_from_a_finished_experiment(prefect_api, tmp_path, tiny_config)
     with pytest.raises(ConfigError, match="not the service's digits / small_cnn \\(split seed 1\\); make the service"):
         make_service(tmp_path / "svc6", data={"split_seed": 1},
                      version0={"source": "experiment", "run": str(run_dir), "seed": 0})
+
+
+def test_a_service_on_postgresql_from_the_commands(prefect_api, tmp_path, pg_admin):
+    """`store.url` puts the queue and the ledger in PostgreSQL: create, request add/list, a step and the
+    ledger all open that database, and the service folder holds no SQLite file."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from rumflow.artifacts.ledger import LEDGER_FILE, Ledger
+    from rumflow.cli import main
+
+    url = fresh_schema(pg_admin)
+    none = {"method": "none"}
+    config = {**TINY_SERVICE, "rum": {"low": none, "mid": none, "high": none}, "store": {"url": url},
+              "gates": {"forget_alpha": None, "max_retain_drop": None, "max_test_drop": None}}
+    (tmp_path / "service.yaml").write_text(yaml.safe_dump(config))
+    root, out = tmp_path / "svc", io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert main(["service", "create", "--config", str(tmp_path / "service.yaml"), "--dir", str(root)]) == 0
+        assert main(["request", "add", "--service", str(root), "--ids", "999999"]) == 2  # refused: not training
+        train = folder(root).train_ids()
+        ids = ",".join(str(i) for i in train[:5])
+        assert main(["request", "add", "--service", str(root), "--ids", ids, "--note", "ticket 7"]) == 0
+        assert main(["service", "step", "--service", str(root)]) == 0
+        assert main(["request", "list", "--service", str(root)]) == 0
+    text = out.getvalue()
+    assert "1 of the ids is not in the training set (999999)" in text
+    assert "version 0 = " in text and "request r1 queued: 5 examples" in text and "r1           done" in text, text
+    assert "step 1: v1 promoted" in text and "production model: v1" in text
+    assert not (root / LEDGER_FILE).exists()
+    led = Ledger(url)  # the same rows, read straight from the database
+    assert led.dialect == "postgresql" and [r["request_id"] for r in led.rows()] == ["r1"]
+    assert led.current()[0] == 1 and led.forgotten() == sorted(int(i) for i in train[:5])
+    assert led.lease_holder() is None  # the step let go of its lease
+    led.close()
