@@ -84,6 +84,18 @@ def method_modules(method: str) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def identity(value: Any) -> Any:
+    """What of an input decides a result: a reference's `cache_identity()` (the content digest of its
+    files, not the seconds it took to make them), lists and dicts element-wise, anything else itself."""
+    if hasattr(value, "cache_identity"):
+        return value.cache_identity()
+    if isinstance(value, (list, tuple)):
+        return [identity(v) for v in value]
+    if isinstance(value, dict):
+        return {k: identity(v) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class TaskKey(CachePolicy):
     """Cache key = task name + code digest (static modules, plus any chosen from the inputs) + keyed inputs."""
@@ -93,7 +105,7 @@ class TaskKey(CachePolicy):
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        keyed = {k: v for k, v in (inputs or {}).items() if k not in UNKEYED}
+        keyed = {k: identity(v) for k, v in (inputs or {}).items() if k not in UNKEYED}
         return hash_objects(task_ctx.task.name, self.code(task_ctx.task.fn.__module__, inputs or {}), keyed,
                             raise_on_failure=True)
 

@@ -59,6 +59,10 @@ class Trained(BaseModel):
     def intact(self, run_dir: str | Path) -> bool:
         return store(run_dir).intact(self.ckpt) and (self.events is None or scores_intact(run_dir, self.events))
 
+    def cache_identity(self) -> dict[str, str | None]:
+        """What a downstream key holds: the weights' and events' content digests (not the seconds)."""
+        return {"weights": self.ckpt.sha256, "events": self.events}
+
 
 @record_type
 class Scores(BaseModel):
@@ -71,6 +75,10 @@ class Scores(BaseModel):
 
     def intact(self, run_dir: str | Path) -> bool:
         return scores_intact(run_dir, self.path)
+
+    def cache_identity(self) -> dict[str, str]:
+        """The proxy and its table's content-digest path (not the seconds)."""
+        return {"proxy": self.proxy, "scores": self.path}
 
     def load(self, run_dir: str | Path) -> pd.DataFrame:
         return pd.read_parquet(Path(run_dir) / self.path)
@@ -87,3 +95,7 @@ class Unlearned(BaseModel):
 
     def intact(self, run_dir: str | Path) -> bool:
         return store(run_dir).intact(self.ckpt)
+
+    def cache_identity(self) -> dict[str, str]:
+        """What a downstream key holds: the content digest of the weights (not seconds or examples)."""
+        return {"weights": self.ckpt.sha256}

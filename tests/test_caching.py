@@ -17,6 +17,32 @@ def test_an_unlearning_key_covers_its_methods_modules_only():
     assert "rumflow.methods.relabel" in salun
 
 
+def test_a_key_holds_what_a_parent_model_is_not_how_long_it_took():
+    """A parent recomputed to the same weights (other seconds, other examples) keys its children the
+    same; other weights key them differently (also inside lists, as forgetting quality takes them)."""
+    from types import SimpleNamespace
+
+    from rumflow.artifacts.checkpoints import CheckpointRef
+    from rumflow.config import MethodSpec
+    from rumflow.tasks.refs import Trained, Unlearned
+    from rumflow.tasks.unlearning import unlearn_task
+
+    ctx = SimpleNamespace(task=unlearn_task)  # compute_key reads the task's name and module only
+    policy = unlearn_task.cache_policy
+    ref = CheckpointRef(sha256="a" * 64, size=10, file_sha256="b" * 64)
+    other = CheckpointRef(sha256="c" * 64, size=10, file_sha256="b" * 64)
+
+    def key(parent) -> str:
+        inputs = {"parent": parent, "models": [parent], "spec": MethodSpec(method="scrub"), "workdir": "/x",
+                  "label": "y"}
+        return policy.compute_key(ctx, inputs, {})
+
+    assert key(Trained(ckpt=ref, seconds=1.0)) == key(Trained(ckpt=ref, seconds=7.5, events_seconds=3.0))
+    assert key(Unlearned(ckpt=ref, seconds=1.0, examples=5)) == key(Unlearned(ckpt=ref, seconds=2.0, examples=9))
+    assert key(Trained(ckpt=ref, seconds=1.0)) != key(Trained(ckpt=other, seconds=1.0))
+    assert key(Unlearned(ckpt=ref, seconds=1.0)) != key(Unlearned(ckpt=other, seconds=1.0))
+
+
 def test_the_training_key_does_not_cover_methods_config_or_flows():
     key = caching.TaskKey(modules=caching.DATA + caching.MODELS + caching.TRAINING + caching.STORE)
     before = key.code("rumflow.tasks.training", {})
