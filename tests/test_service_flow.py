@@ -197,6 +197,15 @@ def test_a_version_that_forgets_too_much_is_kept_unpromoted_and_its_run_fails_th
     assert read_run(run.id).run_count == 2
     assert [r["request_id"] for r in folder(root).ledger.rows()] == ["r1"]
     add(root, wrong[:8])  # the ids were not forgotten, so they can be sent again
+    import contextlib
+    import io
+
+    from rumflow.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the command says what failed and exits 1
+        assert main(["service", "step", "--service", str(root)]) == 1
+    assert out.getvalue().strip().endswith("step 2: v2 not promoted: " + folder(root).ledger.request("r2")["reason"])
 
 
 def test_sigkill_in_the_middle_of_a_step_then_the_next_run_completes_it_once(prefect_api, tmp_path):
