@@ -130,8 +130,8 @@ def service_create(service: str) -> dict[str, Any]:
 
 
 def create_folder(cfg: ServiceConfig, root: Path) -> Path:
-    """Write service.yaml and an empty ledger in `root` and the store (or reuse them when the same config
-    is there and version 0 is not made yet, to finish an interrupted create)."""
+    """Write service.yaml in `root` and an empty ledger in the service's store (or reuse them when the
+    same config is there and version 0 is not made yet, to finish an interrupted create)."""
     root = Path(root).expanduser().resolve()
     target = store_target(cfg.store.url, root)
     if (root / SERVICE_FILE).is_file() and Ledger.exists(target):
