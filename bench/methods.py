@@ -147,6 +147,14 @@ def model_from(s: Setup, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def warm_up(s: Setup, original: torch.nn.Module) -> None:
+    """One SGD step and one evaluation on a throwaway copy: a process's first training step pays ~1 s of
+    one-time setup that would otherwise land in its first row's seconds."""
+    model, _ = timed(s, original, "finetune", {"epochs": 1, "retain_fraction": min(1.0, 2 * s.recipe.batch_size
+                                                                                   / max(len(s.ds.train), 1))})
+    measure(s, model)
+
+
 def prepare(args: argparse.Namespace, device: torch.device) -> tuple[Setup, Path, bool]:
     """Train (or load from the cache) the original and the reference; (setup, cache folder, was cached)."""
     ds, spec, recipe = load_data(args, device)
@@ -184,6 +192,7 @@ def worker(conn: Connection, args: argparse.Namespace, folder: str, device: str)
     meta = json.loads((Path(folder) / "meta.json").read_text())
     s = Setup(ds, spec, recipe, StepPlan(**meta["plan"]), dev, args.seed, meta)
     original = model_from(s, Path(folder) / "original.pt")
+    warm_up(s, original)
     conn.send(("ready", None, None))
     while (task := conn.recv()) is not None:
         index, (label, kind, method, params) = task
@@ -213,12 +222,15 @@ class Pool:
         child.close()
         return {"proc": proc, "conn": parent, "ready": False, "task": None, "since": 0.0}
 
-    def _replace(self, w: dict[str, Any]) -> None:
-        """Kill worker `w` and put a fresh one in its place."""
+    def _replace(self, w: dict[str, Any], needed: bool) -> None:
+        """Kill worker `w` and put a fresh one in its place when rows are left for it (`needed`)."""
         w["proc"].kill()
         w["proc"].join()
         w["conn"].close()
-        self.workers[self.workers.index(w)] = self._start()
+        if needed:
+            self.workers[self.workers.index(w)] = self._start()
+        else:
+            self.workers.remove(w)
 
     def run(self, rows: list[Row], timeout: float | None):
         """Yield (index, status, payload) for every row, in completion order."""
@@ -256,17 +268,20 @@ class Pool:
                     if w["task"] is not None:
                         pending -= 1
                         yield w["task"][0], "crashed", f"worker exit code {w['proc'].exitcode}"
-                    self._replace(w)
+                    self._replace(w, bool(todo))
                 elif timeout is not None and w["task"] is not None and \
                         time.perf_counter() - w["since"] >= timeout:
                     index = w["task"][0]
-                    self._replace(w)
+                    self._replace(w, bool(todo))
                     pending -= 1
                     yield index, "stopped", timeout
 
     def close(self) -> None:
-        """Tell every worker to finish and wait for it."""
+        """Tell every ready worker to finish and wait for it; kill those still loading (they hold nothing)."""
         for w in self.workers:
+            if not w["ready"]:
+                w["proc"].kill()
+                continue
             try:
                 w["conn"].send(None)
             except (BrokenPipeError, OSError):
@@ -359,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     done: dict[int, str] = {}
     shown = 0
-    pool = Pool(min(args.jobs, max(len(rows), 1)), args, folder, device)
+    pool = Pool(min(args.jobs, len(rows)), args, folder, device)
     try:
         for index, status, payload in pool.run(rows, args.row_timeout):
             text, failed = outcome(rows[index], status, payload)
