@@ -22,8 +22,8 @@ seconds in its worker). The parent trains the original and the reference once an
 the forget plan and their figures under `--cache` (default: a folder in the system temp dir), keyed by a
 digest of data / root / model / epochs / batch size / per-tier / seed, so a second invocation with the
 same setup trains nothing (delete the folder after changing the training code). With `--row-timeout`, a
-row still running after that many seconds is stopped (its worker killed and replaced) and printed as
-STOPPED without figures. Rows print in table order as soon as every row above them is done.
+row whose method still runs after that many seconds (its evaluation is not counted) is stopped, its worker
+killed and replaced, and printed as STOPPED without figures. Rows print in table order as soon as every row above them is done.
 """
 from __future__ import annotations
 
@@ -198,6 +198,7 @@ def worker(conn: Connection, args: argparse.Namespace, folder: str, device: str)
         index, (label, kind, method, params) = task
         try:
             model, seconds = timed(s, original, method, params)
+            conn.send(("timed", index, seconds))  # the row timeout covers the method, not its evaluation
             conn.send(("done", index, (measure(s, model), seconds)))
         except DivergenceError as exc:
             conn.send(("diverged", index, str(exc)))
@@ -241,7 +242,7 @@ class Pool:
                 if w["ready"] and w["task"] is None and todo:
                     w["task"], w["since"] = todo.pop(0), time.perf_counter()
                     w["conn"].send(w["task"])
-            busy = [w for w in self.workers if w["task"] is not None]
+            busy = [w for w in self.workers if w["task"] is not None and w["since"] is not None]
             wait_s = None
             if timeout is not None and busy:
                 wait_s = max(0.0, min(w["since"] + timeout for w in busy) - time.perf_counter())
@@ -256,6 +257,9 @@ class Pool:
                     if status == "ready":
                         w["ready"] = True
                         continue
+                    if status == "timed":  # the method is done; its evaluation has no deadline
+                        w["since"] = None
+                        continue
                     if status != "crashed":
                         w["task"] = None
                         pending -= 1
@@ -269,7 +273,7 @@ class Pool:
                         pending -= 1
                         yield w["task"][0], "crashed", f"worker exit code {w['proc'].exitcode}"
                     self._replace(w, bool(todo))
-                elif timeout is not None and w["task"] is not None and \
+                elif timeout is not None and w["task"] is not None and w["since"] is not None and \
                         time.perf_counter() - w["since"] >= timeout:
                     index = w["task"][0]
                     self._replace(w, bool(todo))
