@@ -5,7 +5,7 @@ settings that work on the data set.
     python bench/methods.py --settings tuned --methods scrub salun
     python bench/methods.py --jobs 2 --row-timeout 5 --methods finetune scrub unsir neggrad_plus
     OMP_NUM_THREADS=1 python bench/methods.py --data mnist --root data/mnist --model lenet_bn --epochs 4 \\
-        --per-tier 1000 --jobs 2 --row-timeout 100 --cache .cache/bench-methods   # both settings, MNIST
+        --per-tier 1000 --jobs 2 --row-timeout 100 --cache data/bench-cache   # both settings, MNIST
     ... --mia-max-shadow 2000    # a row's evaluation on MNIST: ~15 s instead of ~65 s (the SVC MIA's fit)
 
 Trains the original model (seed, the original recipe) recording the learning-event proxies, takes one
