@@ -284,9 +284,9 @@ def experiment(config: ExperimentConfig, out: str = "runs") -> str:
 def api_for_workers():
     """Worker processes (process pool, Ray on this machine) report to this flow's API, the embedded
     server included: they inherit PREFECT_API_URL for the duration of the flow."""
-    from prefect.settings import PREFECT_API_URL
+    from rumflow.flows.runners import worker_api_url
 
-    before, url = os.environ.get("PREFECT_API_URL"), PREFECT_API_URL.value()
+    before, url = os.environ.get("PREFECT_API_URL"), worker_api_url()
     if url:
         os.environ["PREFECT_API_URL"] = url
     try:

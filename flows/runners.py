@@ -10,6 +10,9 @@ from rumflow.errors import ConfigError
 from rumflow.training import resolve_device
 
 
+THREADS_PER_SLOT, MIN_THREADS = 8, 32  # threads of the threads runner: waiting tasks park in the spare ones
+
+
 def cores() -> int:
     """CPU cores this process may use."""
     return len(os.sched_getaffinity(0))
@@ -35,6 +38,23 @@ def torch_threads_per_worker(runner: RunnerConfig, device: str) -> int:
     if resolve_device(device).type == "cpu":
         return 1
     return max(1, cores() // worker_count(runner, device))
+
+
+def worker_api_url() -> str | None:
+    """The API that worker processes must report to: PREFECT_API_URL when set, else this process's
+    embedded server (started now if it is not yet; the flow uses the same one). Without it each worker
+    process would start an embedded server of its own (~15 s each) and its task runs would never reach
+    the flow's API or its UI."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    url = PREFECT_API_URL.value()
+    if url or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return url or None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the singleton that get_client() uses in ephemeral mode
+    server.start()
+    return server.api_url
 
 
 def _missing(extra: str, package: str) -> ConfigError:
@@ -65,7 +85,11 @@ def task_runner(cfg: ExperimentConfig) -> Any:
     if runner.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=workers)
+        # Threads are cheap and a waiting task must not hold a compute worker: many threads, and
+        # `workers` compute slots that the tasks take once their inputs are ready (tasks.compute).
+        os.environ["RUMFLOW_COMPUTE_SLOTS"] = str(workers)
+        return ThreadPoolTaskRunner(max_workers=max(THREADS_PER_SLOT * workers, MIN_THREADS))
+    os.environ["RUMFLOW_COMPUTE_SLOTS"] = "0"  # a worker process runs one task at a time by itself
     if runner.kind == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -75,6 +99,8 @@ def task_runner(cfg: ExperimentConfig) -> Any:
 
         env |= {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "OMP_", "DO_NOT_TRACK"))}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        if runner.address is None and (url := worker_api_url()):  # a local cluster reports to this API
+            env["PREFECT_API_URL"] = url
         init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
         if runner.address is None:
             init |= {"num_cpus": workers, "include_dashboard": False}

@@ -22,6 +22,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from rumflow.tasks.compute import in_compute_slot
 from rumflow.tasks.records import RecordSerializer, VerifiedFiles
 
 # Inputs that never change a result: where the run folder is, and the human-readable label.
@@ -128,7 +129,7 @@ def cached_task(name: str, run_name: str | None = None, code: Iterable[str] = ()
     chosen by the inputs (an unlearning task: its method's)."""
 
     def wrap(fn: F) -> Task:
-        return task(fn, name=name, task_run_name=run_name, persist_result=True, log_prints=False,
+        return task(in_compute_slot(fn), name=name, task_run_name=run_name, persist_result=True, log_prints=False,
                     cache_result_in_memory=False,  # every hit reads (and verifies) its record file
                     cache_policy=TaskKey(modules=tuple(code), dynamic=code_of),
                     result_serializer=RecordSerializer())
