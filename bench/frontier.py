@@ -141,7 +141,7 @@ def main() -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     base = cfg.base.model_dump(mode="json")
     base["rum"].update(rum_settings)
-    frames, settings = {}, {"rum": rum.iloc[0]["settings"]}
+    frames, settings = {}, {"rum": rum.iloc[0]["settings"].replace(" | ", "; ")}
     for method, pick in singles.items():
         if pick is None:
             print(f"{method}: no trial meets the cap RTE <= {cap:g} on the validation request; not reported")
@@ -153,7 +153,7 @@ def main() -> int:
         seconds[f"run {method}"] = run(rumflow + ["run", "--config", str(path), "--out", str(out)])
         shutil.copyfile(out / cfg.base.name / "steps.parquet", report_dir / f"steps-{method}.parquet")
         frames[method] = pd.read_parquet(report_dir / f"steps-{method}.parquet")
-        settings[method] = pick["settings"]
+        settings[method] = pick["settings"].replace(" | ", "; ")
     if not frames:
         raise SystemExit("no single method has a setting under the cap; nothing to report")
 
