@@ -619,4 +619,9 @@ def main(argv: list[str] | None = None, standalone: bool | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m rumflow.cli`: run the imported module's main, not this __main__ copy's, so that what the
+    # flow holds (hooks, the run-folder lock) belongs to `rumflow.cli` and worker processes pickle it by
+    # reference (a spawned process pool could not pickle __main__'s lock-holding closures by value).
+    from rumflow.cli import main as _imported_main
+
+    sys.exit(_imported_main())

@@ -79,13 +79,17 @@ def command(config: Path, out: Path) -> list[str]:
 def kill_midway(cmd: list[str], run_dir: Path, sig: str, env: dict[str, str], min_checkpoints: int = 5,
                 wait: float = 300) -> tuple[str, list[str]]:
     """Start cmd, signal it once `min_checkpoints` checkpoints exist; (what happened, processes left)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = run_dir.parent / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    output = lambda: log.read_bytes()  # noqa: E731
     ckpts, deadline = run_dir / "checkpoints", time.time() + wait
     while time.time() < deadline and proc.poll() is None and len(list(ckpts.glob("*.pt"))) < min_checkpoints:
         time.sleep(0.05)
     if proc.poll() is not None:
         raise RuntimeError(f"the run ended (status {proc.returncode}) before it could be killed: "
-                           + proc.stdout.read().decode()[-1500:])
+                           + output().decode()[-1500:])
     done = len(list(ckpts.glob("*.pt")))
     if sig == "KILL":
         os.killpg(proc.pid, signal.SIGKILL)
@@ -105,7 +109,7 @@ def kill_midway(cmd: list[str], run_dir: Path, sig: str, env: dict[str, str], mi
     left = session_processes(proc.pid)
     for line in left:
         os.kill(int(line.split()[0]), signal.SIGKILL)
-    hint = "resume hint printed" if b"run the same command again" in proc.stdout.read() else "NO resume hint"
+    hint = "resume hint printed" if b"run the same command again" in output() else "NO resume hint"
     return f"SIGTERM after {done} checkpoints: exit {status} in {seconds:.1f} s, {hint}", left
 
 
@@ -115,10 +119,12 @@ def case(kind: str, sig: str, root: Path, baseline: Path, env: dict[str, str]) -
     cmd = command(write_config(root / "configs", kind), out)
     what, left = kill_midway(cmd, out / CONFIG["name"], sig, env)
     start = time.perf_counter()
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = out / "resumed-run.log"
+    with open(log, "wb") as sink:
+        resumed = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=900)
     seconds = time.perf_counter() - start
     if resumed.returncode != 0:
-        return False, f"{what}; the re-run failed ({resumed.returncode}): {resumed.stdout[-800:]}{resumed.stderr[-800:]}"
+        return False, f"{what}; the re-run failed ({resumed.returncode}), see {log}: {log.read_text()[-600:]}"
     run_dir = out / CONFIG["name"]
     same = True
     try:
