@@ -509,6 +509,16 @@ def stop_children(timeout: float = 3.0) -> None:
     _reap()
 
 
+def _kill_descendants() -> None:
+    """SIGKILL every process below this one at once (the last resort of a stop that hangs)."""
+    for pid in descendants():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _reap()
+
+
 def _flush_prefect(timeout: float = 2.0) -> None:
     """Send the log lines and events still queued to the API (bounded: the server may be gone)."""
     for module, name in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
@@ -555,7 +565,8 @@ def _shutdown(status: int, from_watchdog: bool = False) -> None:
     """Print the resume hint, stop every child process and end the process now (task threads that
     are still computing are not waited for: their work is redone from the cache on resume)."""
     if not _SHUTDOWN.acquire(timeout=STOP_GRACE if from_watchdog else -1):
-        os._exit(status)  # the other thread's shutdown hangs: end regardless
+        _kill_descendants()  # the other thread's shutdown hangs: leave no child behind, and end regardless
+        os._exit(status)
     try:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -565,6 +576,7 @@ def _shutdown(status: int, from_watchdog: bool = False) -> None:
     try:
         _flush_prefect()
         _let_go_of_folders()
+        _no_new_servers()
         stop_children()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -572,7 +584,20 @@ def _shutdown(status: int, from_watchdog: bool = False) -> None:
                 stream.flush()
             except Exception:
                 pass
+        _kill_descendants()  # anything a background thread started meanwhile
         os._exit(status)
+
+
+def _no_new_servers() -> None:
+    """From here on, a Prefect client thread that still wants the API gets an error instead of a new
+    embedded server (measured: a log flush after the stop started a second server that outlived us)."""
+    server = sys.modules.get("prefect.server.api.server")
+    cls = getattr(server, "SubprocessASGIServer", None)
+    if cls is not None:
+        def refuse(self, *args, **kwargs):
+            raise RuntimeError("rumflow is stopping: no new embedded Prefect server")
+
+        cls.start = refuse
 
 
 def _is_interrupt(exc: BaseException) -> bool:

@@ -60,7 +60,11 @@ def session_processes(sid: int) -> list[str]:
             continue
         name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
         if int(rest[3]) == sid and rest[0] not in ("Z", "X"):
-            out.append(f"{entry} {name}")
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120].strip()
+            except OSError:
+                cmd = name
+            out.append(f"{entry} {cmd or name}")
     return out
 
 
@@ -105,7 +109,7 @@ def kill_midway(cmd: list[str], run_dir: Path, sig: str, env: dict[str, str], mi
         proc.wait()
         return f"SIGTERM after {done} checkpoints: still running 30 s later (killed)", session_processes(proc.pid)
     seconds = time.perf_counter() - start
-    time.sleep(1.0)  # children get a moment to go after their parent
+    time.sleep(2.0)  # children get a moment to go after their parent
     left = session_processes(proc.pid)
     for line in left:
         os.kill(int(line.split()[0]), signal.SIGKILL)
