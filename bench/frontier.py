@@ -39,13 +39,19 @@ from scipy import stats
 GOAL_TOW, GOAL_RTE = 0.95, 0.05
 
 
+class RunFailed(Exception):
+    """A rumflow command that exited with an error (its last error line is the message)."""
+
+
 def run(cmd: list[str]) -> float:
-    """Run a rumflow command (its output streamed); its wall seconds. Exit on failure."""
+    """Run a rumflow command (its output streamed, its error line kept); its wall seconds."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
-    done = subprocess.run(cmd)
+    done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(done.stderr)
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited with {done.returncode}")
+        errors = [line for line in done.stderr.splitlines() if line.startswith("rumflow: error:")]
+        raise RunFailed(errors[-1] if errors else f"exited with {done.returncode}")
     return time.perf_counter() - start
 
 
@@ -119,6 +125,8 @@ def main() -> int:
     ap.add_argument("--select", default="configs/mnist-select.yaml", help="the select config")
     ap.add_argument("--out", default="runs", help="parent of the run folders")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="select-config override")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no runs: the report from the selection and the steps-<method>.parquet files kept")
     args = ap.parse_args()
 
     from rumflow.selection import load_select_config
@@ -127,7 +135,8 @@ def main() -> int:
     out = Path(args.out).expanduser().resolve()
     rumflow = [sys.executable, "-m", "rumflow.cli"]
     sets = [x for s in args.set for x in ("--set", s)]
-    seconds = {"select": run(rumflow + ["select", "--config", args.select, "--out", str(out)] + sets)}
+    seconds = {} if args.report_only else {
+        "select": run(rumflow + ["select", "--config", args.select, "--out", str(out)] + sets)}
     sweep = pd.read_parquet(out / cfg.folder / "sweep.parquet")
     cap = cfg.rule.max_rte
     rum = sweep[(sweep["strategy"] == "rum") & sweep["selected"]]
@@ -142,17 +151,27 @@ def main() -> int:
     base = cfg.base.model_dump(mode="json")
     base["rum"].update(rum_settings)
     frames, settings = {}, {"rum": rum.iloc[0]["settings"].replace(" | ", "; ")}
+    failed: dict[str, str] = {}  # single methods whose experiment run failed (e.g. diverged at a later step)
     for method, pick in singles.items():
         if pick is None:
             print(f"{method}: no trial meets the cap RTE <= {cap:g} on the validation request; not reported")
             continue
         data = json.loads(json.dumps(base))
         data["vanilla"] = json.loads(pick["settings_json"])["mix"]
-        path = report_dir / f"{method}.yaml"
+        path, kept = report_dir / f"{method}.yaml", report_dir / f"steps-{method}.parquet"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
-        seconds[f"run {method}"] = run(rumflow + ["run", "--config", str(path), "--out", str(out)])
-        shutil.copyfile(out / cfg.base.name / "steps.parquet", report_dir / f"steps-{method}.parquet")
-        frames[method] = pd.read_parquet(report_dir / f"steps-{method}.parquet")
+        if not args.report_only:
+            try:
+                seconds[f"run {method}"] = run(rumflow + ["run", "--config", str(path), "--out", str(out)])
+            except RunFailed as exc:
+                failed[method] = str(exc)
+                kept.unlink(missing_ok=True)
+                continue
+            shutil.copyfile(out / cfg.base.name / "steps.parquet", kept)
+        if not kept.exists():
+            failed.setdefault(method, "not run")
+            continue
+        frames[method] = pd.read_parquet(kept)
         settings[method] = pick["settings"].replace(" | ", "; ")
     if not frames:
         raise SystemExit("no single method has a setting under the cap; nothing to report")
@@ -175,6 +194,8 @@ def main() -> int:
         f"{len(cfg.base.proxies)} proxies ({', '.join(cfg.base.proxies)}) x {cfg.base.forget.steps} steps x "
         f"3 x {cfg.base.forget.per_tier}; cap RTE <= {cap:g}; goal ToW and ToW-MIA >= {GOAL_TOW} at every step",
         "", markdown(table), "",
+        *[f"single: {m} at {singles[m]['settings'].replace(' | ', '; ')}: no figures, its run failed: {why}"
+          for m, why in failed.items()], "",
         f"Retrain reference: {ref['seconds'].mean():.1f} s mean wall time per step ({len(ref)} references), "
         f"forget accuracy {ref['acc_forget'].mean():.4f}. Wall seconds of this benchmark: "
         + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; cores {os.cpu_count()}.",
