@@ -104,13 +104,34 @@ def task_runner(cfg: ExperimentConfig) -> Any:
         init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
         if runner.address is None:
             init |= {"num_cpus": workers, "include_dashboard": False}
-        return RayTaskRunner(address=runner.address, init_kwargs=init)
+        return _keeping_signals(RayTaskRunner)(address=runner.address, init_kwargs=init)
     from prefect_dask import DaskTaskRunner
 
     if runner.address:
         return DaskTaskRunner(address=runner.address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "dashboard_address": None})
+
+
+def _keeping_signals(base: type) -> type:
+    """`base` (a task runner class) whose start keeps this process's SIGTERM/SIGINT handlers: ray.init
+    installs a native failure handler that aborts the driver on SIGTERM (measured: status -6, no resume
+    hint), which would bypass the CLI's clean stop."""
+    import signal
+    import threading
+
+    class KeepingSignals(base):  # type: ignore[misc, valid-type]
+        def __enter__(self):
+            main = threading.current_thread() is threading.main_thread()
+            before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+            out = super().__enter__()
+            for sig, handler in before.items():
+                if callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN):
+                    signal.signal(sig, handler)  # re-installs it at the C level, over Ray's
+            return out
+
+    KeepingSignals.__name__ = KeepingSignals.__qualname__ = base.__name__
+    return KeepingSignals
 
 
 @contextmanager
