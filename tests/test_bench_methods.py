@@ -39,7 +39,8 @@ def test_methods_yaml_mnist_has_a_row_for_every_method():
 
 
 def test_methods_yaml_mnist_rows_are_budgeted():
-    """A row that loops over D_r visits at most 5% of it per epoch, for at most 3 epochs."""
+    """A row that loops over D_r visits at most 15% of it in all (share per epoch x epochs), in at most 3
+    epochs: a few percent of the 4-epoch retrain."""
     # loops over D_f only, or over D_f and a subset of D_r of fixed size (a multiple of |D_f|)
     forget_only = ("neggrad", "boundary_shrink", "bad_teaching_retain_subset", "bad_teaching_similarity")
     for label, (method, params) in rows(ROOT / "methods" / "mnist.yaml").items():
@@ -47,7 +48,7 @@ def test_methods_yaml_mnist_rows_are_budgeted():
         if method.startswith("unsir"):  # its retain_fraction is a share of a 10,000-example subset
             assert p.retain_fraction <= 0.2, label
         elif hasattr(p, "retain_fraction") and label not in forget_only:
-            assert p.retain_fraction <= 0.05, label
+            assert p.retain_fraction * max(1, getattr(p, "epochs", 1)) <= 0.15 + 1e-9, label
         assert getattr(p, "epochs", 0) <= 3, label
 
 
