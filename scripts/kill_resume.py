@@ -8,7 +8,9 @@ experiment on that runner), wait until some of its checkpoints are written, then
   TERM: send SIGTERM to the rumflow process only (what `timeout`, systemd and Kubernetes send) and check
         that it exits within a few seconds with status 143 and that no process of its session is left
         (workers, the Ray cluster it started, the embedded Prefect server);
-  KILL: SIGKILL the whole process group (a crash: nothing can clean up).
+  KILL: SIGKILL the whole process group (a crash: nothing can clean up) and check that no process of its
+        session is left 30 s later (Ray's workers run in process groups of their own and exit by
+        themselves once their raylet is gone).
 Then run the same command again to the end and check that its steps.parquet (timings aside) and
 examples.parquet equal those of an uninterrupted threads run, and that `rumflow verify` passes.
 Prints one line per case and PASS/FAIL; exit status 1 if any case failed. Runners whose extra is not
@@ -40,6 +42,7 @@ CONFIG = {
 }
 TIME = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "efficient", "host"}
 EXTRA = {"ray": "prefect_ray", "dask": "prefect_dask"}
+KILL_GRACE = 30.0  # seconds an orphan of a SIGKILLed run may take to notice and exit
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
@@ -98,8 +101,16 @@ def kill_midway(cmd: list[str], run_dir: Path, sig: str, env: dict[str, str], mi
     if sig == "KILL":
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        time.sleep(1.0)
-        return f"SIGKILL after {done} checkpoints", session_processes(proc.pid)
+        # Processes in process groups of their own (Ray's workers) outlive the group kill; they must go by
+        # themselves once what they serve is gone (a Ray worker exits when its raylet dies).
+        start = time.perf_counter()
+        orphans = left = session_processes(proc.pid)
+        while left and time.perf_counter() - start < KILL_GRACE:
+            time.sleep(0.25)
+            left = session_processes(proc.pid)
+        gone = f", {len(orphans)} orphan(s) gone by themselves {time.perf_counter() - start:.1f} s later" if (
+            orphans and not left) else ""
+        return f"SIGKILL after {done} checkpoints{gone}", left
     start = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     try:
