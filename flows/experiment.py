@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 
 from rumflow.artifacts.prefect_artifacts import (advance_progress, artifact_key, publish_step_table,
@@ -79,7 +79,7 @@ class Step:
 
 
 class Submitter:
-    """The run's tasks bound to its folder, submitted with names and tags that say what each call is."""
+    """The run's tasks bound to its folder, submitted with names that say what each call is."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.cfg, self.workdir = cfg, str(run_dir)
@@ -91,7 +91,11 @@ class Submitter:
         self.futures: list[PrefectFuture] = []
 
     def submit(self, name: str, label: str, tagged: dict[str, Any], **params: Any) -> PrefectFuture:
-        with tags(*(f"{k}:{v}" for k, v in tagged.items())), gpu_slot(self.cfg):
+        # `tagged` (seed, proxy, step) is already in `label`, the task run's name, and is deliberately not
+        # made Prefect tags: every tagged task run acquires, renews and releases a tag-concurrency lease on
+        # the API, and under the default run's load the embedded SQLite server answered those with 503s,
+        # which failed the flow run (measured with Prefect 3.9.1).
+        with gpu_slot(self.cfg):
             future = self.tasks[name].submit(**params, label=label)
         self.futures.append(future)
         return future
