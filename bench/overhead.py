@@ -133,7 +133,7 @@ def loop_submitter(cfg: ExperimentConfig, run_dir: Path):
             self.tasks = {t.name: t for t in (train_task, proxy_task, memorization_task, plan_task, prepare_task,
                                               unlearn_task, evaluate_task, forgetting_quality_task)}
 
-        def submit(self, name: str, label: str, tagged: dict[str, Any], **params: Any) -> Done:
+        def submit(self, name: str, label: str, **params: Any) -> Done:
             done = Done(self.tasks[name].fn(**{k: _plain(v) for k, v in params.items()}, label=label))
             self.futures.append(done)
             return done
@@ -171,13 +171,13 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
         # the same calls as flows/experiment.py::_experiment, in the same order
         truth = None
         if cfg.memorization.estimate or "memorization" in cfg.proxies:
-            truth = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
+            truth = s.submit("memorization", f"R{cfg.memorization.models}", data=cfg.data, model=cfg.model,
                              train=cfg.train, memorization=cfg.memorization, device=cfg.device, workdir=s.workdir)
         originals, scores = {}, {}
         for seed in cfg.seeds:
-            originals[seed] = s.train(seed, None, f"s{seed}/original", {}, events=True)
+            originals[seed] = s.train(seed, None, f"s{seed}/original", events=True)
             scores[seed] = {p: (truth if PROXIES[p].source == "memorization" else
-                                s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}", {}))
+                                s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}"))
                             for p in cfg.proxies}
         chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
                               "scores": scores[seed][p], "recomputed": []}

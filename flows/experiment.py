@@ -90,46 +90,46 @@ class Submitter:
         self.tasks = bound
         self.futures: list[PrefectFuture] = []
 
-    def submit(self, name: str, label: str, tagged: dict[str, Any], **params: Any) -> PrefectFuture:
-        # `tagged` (seed, proxy, step) is already in `label`, the task run's name, and is deliberately not
-        # made Prefect tags: every tagged task run acquires, renews and releases a tag-concurrency lease on
-        # the API, and under the default run's load the embedded SQLite server answered those with 503s,
-        # which failed the flow run (measured with Prefect 3.9.1).
+    def submit(self, name: str, label: str, **params: Any) -> PrefectFuture:
+        # The label (seed, proxy, step, ...) names the task run and is deliberately not made Prefect tags:
+        # every tagged task run acquires, renews and releases a tag-concurrency lease on the API, and under
+        # the default run's load the embedded SQLite server answered those with 503s, which failed the flow
+        # run (measured with Prefect 3.9.1).
         with gpu_slot(self.cfg):
             future = self.tasks[name].submit(**params, label=label)
         self.futures.append(future)
         return future
 
-    def train(self, seed: int, plan: Any, label: str, tagged: dict[str, Any], events: bool = False) -> PrefectFuture:
+    def train(self, seed: int, plan: Any, label: str, events: bool = False) -> PrefectFuture:
         c = self.cfg
-        return self.submit("train", label, tagged, data=c.data, model=c.model, train=c.train, seed=seed, plan=plan,
+        return self.submit("train", label, data=c.data, model=c.model, train=c.train, seed=seed, plan=plan,
                            record_events=events, device=c.device, workdir=self.workdir)
 
-    def scores(self, proxy: str, seed: int, original: Any, parent: Any, label: str, tagged: dict) -> PrefectFuture:
+    def scores(self, proxy: str, seed: int, original: Any, parent: Any, label: str) -> PrefectFuture:
         c = self.cfg
-        return self.submit("proxy", label, tagged, proxy=proxy, trained=original, parent=parent, data=c.data,
+        return self.submit("proxy", label, proxy=proxy, trained=original, parent=parent, data=c.data,
                            model=c.model, holdout=c.holdout, seed=seed, device=c.device, workdir=self.workdir)
 
-    def unlearn(self, parent: Any, plan: Any, stage: str, spec: MethodSpec, seed: int, label: str,
-                tagged: dict[str, Any]) -> PrefectFuture:
+    def unlearn(self, parent: Any, plan: Any, stage: str, spec: MethodSpec, seed: int,
+                label: str) -> PrefectFuture:
         """An unlearning call, preceded by its method's cached preparation when it has one."""
         c, prep = self.cfg, get_method(spec.method).prepare
         prepared = None
         if prep is not None:
             every = spec.params.model_dump(mode="json")  # the key holds only what the preparation reads
             params = {k: every[k] for k in prep.params} if prep.params else every
-            prepared = self.submit("prepare", label, tagged, parent=parent, method=spec.method, params=params,
+            prepared = self.submit("prepare", label, parent=parent, method=spec.method, params=params,
                                    plan=plan, stage=stage,
                                    policy=c.forget.retain_policy if prep.uses_retain else None,
                                    seed=seed if prep.uses_seed else None, data=c.data, model=c.model,
                                    train=c.train, device=c.device, workdir=self.workdir)
-        return self.submit("unlearn", label, tagged, parent=parent, plan=plan, stage=stage,
+        return self.submit("unlearn", label, parent=parent, plan=plan, stage=stage,
                            policy=c.forget.retain_policy, spec=spec, seed=seed, data=c.data, model=c.model,
                            train=c.train, device=c.device, workdir=self.workdir, prepared=prepared)
 
-    def evaluate(self, model: Any, plan: Any, seed: int, label: str, tagged: dict[str, Any]) -> PrefectFuture:
+    def evaluate(self, model: Any, plan: Any, seed: int, label: str) -> PrefectFuture:
         c = self.cfg
-        return self.submit("evaluate", label, tagged, trained=model, plan=plan, data=c.data, model=c.model,
+        return self.submit("evaluate", label, trained=model, plan=plan, data=c.data, model=c.model,
                            evaluate=c.evaluate, seed=seed, device=c.device, workdir=self.workdir)
 
 
@@ -148,43 +148,41 @@ def submit_chain_step(s: Submitter, seed: int, proxy: str, k: int, chain: dict[s
 
     A generator that pauses after each submit (see `interleave`); it returns the step's Step."""
     cfg, where = s.cfg, f"s{seed}/{proxy}/step{k}"
-    tagged = {"seed": seed, "proxy": proxy, "step": k}
     if k > 1 and proxy in cfg.recompute:
-        chain["scores"] = s.scores(proxy, seed, original, chain["rum"], f"{where}/{proxy}-on-rum", tagged)
+        chain["scores"] = s.scores(proxy, seed, original, chain["rum"], f"{where}/{proxy}-on-rum")
         chain["recomputed"].append((k, chain["scores"]))
         yield
-    plan = s.submit("plan", where, tagged, step=k, proxy=proxy, scores=chain["scores"], previous=chain["plan"],
+    plan = s.submit("plan", where, step=k, proxy=proxy, scores=chain["scores"], previous=chain["plan"],
                     per_tier=cfg.forget.per_tier, data=cfg.data, device=cfg.device, workdir=s.workdir)
     chain["plan"] = plan
     yield
     step = Step(seed, proxy, k)
-    retrain = s.train(seed, plan, f"{where}/retrain", tagged)
+    retrain = s.train(seed, plan, f"{where}/retrain")
     yield
     if k == 1:
         step.rows.append(Row(seed, proxy, "original", 0, "mix", True, NONE, original,
-                             s.evaluate(original, plan, seed, f"{where}/original", tagged), plan, retrain,
+                             s.evaluate(original, plan, seed, f"{where}/original"), plan, retrain,
                              TRAIN_CODE))
         yield
     step.rows.append(Row(seed, proxy, "retrain", k, "mix", True, RETRAIN, retrain,
-                         s.evaluate(retrain, plan, seed, f"{where}/retrain", tagged), plan, retrain, TRAIN_CODE))
+                         s.evaluate(retrain, plan, seed, f"{where}/retrain"), plan, retrain, TRAIN_CODE))
     yield
     earlier: list[PrefectFuture] = []
     for stage in TIERS:
         spec = getattr(cfg.rum, stage)
         label = f"{where}/rum-{stage}/{spec.method}"
-        chain["rum"] = s.unlearn(chain["rum"], plan, stage, spec, unlearn_seed(seed, k, stage), label, tagged)
+        chain["rum"] = s.unlearn(chain["rum"], plan, stage, spec, unlearn_seed(seed, k, stage), label)
         yield
         step.rows.append(Row(seed, proxy, "rum", k, stage, stage == TIERS[-1], spec, chain["rum"],
-                             s.evaluate(chain["rum"], plan, seed, label, tagged), plan, retrain, method_code(spec),
+                             s.evaluate(chain["rum"], plan, seed, label), plan, retrain, method_code(spec),
                              after=list(earlier)))
         earlier.append(chain["rum"])
         yield
     label = f"{where}/vanilla/{cfg.vanilla.method}"
-    chain["vanilla"] = s.unlearn(chain["vanilla"], plan, "mix", cfg.vanilla, unlearn_seed(seed, k, "mix"), label,
-                                 tagged)
+    chain["vanilla"] = s.unlearn(chain["vanilla"], plan, "mix", cfg.vanilla, unlearn_seed(seed, k, "mix"), label)
     yield
     step.rows.append(Row(seed, proxy, "vanilla", k, "mix", True, cfg.vanilla, chain["vanilla"],
-                         s.evaluate(chain["vanilla"], plan, seed, label, tagged), plan, retrain,
+                         s.evaluate(chain["vanilla"], plan, seed, label), plan, retrain,
                          method_code(cfg.vanilla)))
     chain["plans"].append(plan)
     return step
@@ -255,17 +253,16 @@ def submit_forgetting_quality(s: Submitter, seed: int, originals: dict[int, Pref
     out = []
     for proxy in cfg.proxies:
         plan, where = first_plans[proxy], f"s{seed}/{proxy}/step1/fq"
-        tagged = {"seed": seed, "proxy": proxy, "step": 1}
-        retrained = [s.train(replica_seed(i), plan, f"{where}/retrain-{i}", tagged) for i in range(n)]
+        retrained = [s.train(replica_seed(i), plan, f"{where}/retrain-{i}") for i in range(n)]
         for strategy, stages in strategies.items():
             models = []
             for i in range(n):
                 model = originals[seed]
                 for stage, spec in stages:
                     model = s.unlearn(model, plan, stage, spec, unlearn_seed(replica_seed(i), 1, stage),
-                                      f"{where}/{strategy}-{i}/{stage}/{spec.method}", tagged)
+                                      f"{where}/{strategy}-{i}/{stage}/{spec.method}")
                 models.append(model)
-            fq = s.submit("forgetting-quality", f"{where}/{strategy}", tagged, unlearned=models, retrained=retrained,
+            fq = s.submit("forgetting-quality", f"{where}/{strategy}", unlearned=models, retrained=retrained,
                           plan=plan, data=cfg.data, model=cfg.model, quality=cfg.evaluate.forgetting_quality,
                           device=cfg.device, workdir=s.workdir)
             out.append((proxy, strategy, fq))
@@ -311,15 +308,14 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
 
     truth = None
     if cfg.memorization.estimate or "memorization" in cfg.proxies:
-        truth = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
+        truth = s.submit("memorization", f"R{cfg.memorization.models}", data=cfg.data, model=cfg.model,
                          train=cfg.train, memorization=cfg.memorization, device=cfg.device, workdir=s.workdir)
     originals: dict[int, PrefectFuture] = {}
     scores: dict[int, dict[str, PrefectFuture]] = {}
     for seed in cfg.seeds:
-        originals[seed] = s.train(seed, None, f"s{seed}/original", {"seed": seed}, events=True)
+        originals[seed] = s.train(seed, None, f"s{seed}/original", events=True)
         scores[seed] = {p: (truth if PROXIES[p].source == "memorization" else
-                            s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}",
-                                     {"seed": seed, "proxy": p}))
+                            s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}"))
                         for p in cfg.proxies}
     chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
                           "scores": scores[seed][p], "recomputed": []}

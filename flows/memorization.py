@@ -32,10 +32,10 @@ def _memorization(cfg: ExperimentConfig, run_dir: Path) -> list[Path]:
     """The memorization flow's work; returns the files it wrote."""
     s = Submitter(cfg, run_dir)
     seed = cfg.seeds[0]
-    truth_f = s.submit("memorization", f"R{cfg.memorization.models}", {}, data=cfg.data, model=cfg.model,
+    truth_f = s.submit("memorization", f"R{cfg.memorization.models}", data=cfg.data, model=cfg.model,
                        train=cfg.train, memorization=cfg.memorization, device=cfg.device, workdir=s.workdir)
-    original_f = s.train(seed, None, f"s{seed}/original", {"seed": seed}, events=True)
-    score_f = {p: s.scores(p, seed, original_f, original_f, f"s{seed}/{p}", {"seed": seed, "proxy": p})
+    original_f = s.train(seed, None, f"s{seed}/original", events=True)
+    score_f = {p: s.scores(p, seed, original_f, original_f, f"s{seed}/{p}")
                for p in cfg.proxies if p != "memorization"}
     truth, original = truth_f.result(), original_f.result()
     get_run_logger().info(f"true memorization from {cfg.memorization.models} models in {truth.seconds:.0f}s")

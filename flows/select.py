@@ -73,18 +73,17 @@ def submit_requests(s: Submitter, cfg: SelectConfig) -> tuple[dict, dict]:
     base, K, V = cfg.base, cfg.base.forget.steps, cfg.validation.requests
     truth = None
     if any(PROXIES[p].source == "memorization" for p in cfg.proxies):
-        truth = s.submit("memorization", f"R{base.memorization.models}", {}, data=base.data, model=base.model,
+        truth = s.submit("memorization", f"R{base.memorization.models}", data=base.data, model=base.model,
                          train=base.train, memorization=base.memorization, device=base.device, workdir=s.workdir)
     originals, futures = {}, {}
     for seed in cfg.seeds:
-        originals[seed] = s.train(seed, None, f"s{seed}/original", {"seed": seed}, events=True)
+        originals[seed] = s.train(seed, None, f"s{seed}/original", events=True)
         for p in cfg.proxies:
-            tagged = {"seed": seed, "proxy": p}
             scores = truth if PROXIES[p].source == "memorization" else s.scores(
-                p, seed, originals[seed], originals[seed], f"s{seed}/{p}", tagged)
+                p, seed, originals[seed], originals[seed], f"s{seed}/{p}")
             plan, chain = None, []
             for k in range(1, K + V + 1):  # the experiment's plan tasks for 1..K, the same proxy beyond
-                plan = s.submit("plan", f"s{seed}/{p}/{'step' if k <= K else 'val'}{k}", {**tagged, "step": k},
+                plan = s.submit("plan", f"s{seed}/{p}/{'step' if k <= K else 'val'}{k}",
                                 step=k, proxy=p, scores=scores, previous=plan, per_tier=base.forget.per_tier,
                                 data=base.data, device=base.device, workdir=s.workdir)
                 chain.append(plan)
@@ -101,9 +100,9 @@ def submit_trials(s: Submitter, cfg: SelectConfig, trials: list[Trial], original
     units, shared = [], {}
     for (seed, p), plans in validation.items():
         for v, plan in enumerate(plans, start=1):
-            where, tagged = f"s{seed}/{p}/val{v}", {"seed": seed, "proxy": p, "step": plan.step, "role": "validation"}
-            retrain = s.train(seed, plan, f"{where}/retrain", tagged)
-            reference = s.evaluate(retrain, plan, seed, f"{where}/retrain", tagged)
+            where = f"s{seed}/{p}/val{v}"
+            retrain = s.train(seed, plan, f"{where}/retrain")
+            reference = s.evaluate(retrain, plan, seed, f"{where}/retrain")
             for trial in trials:
                 model, chain = originals[seed], []
                 for depth, (stage, spec) in enumerate(trial.specs, start=1):
@@ -111,12 +110,11 @@ def submit_trials(s: Submitter, cfg: SelectConfig, trials: list[Trial], original
                     if key not in shared:
                         prefix = "-".join(short(sp) for _, sp in trial.specs[:depth])
                         label = f"{where}/{trial.strategy}-{stage}/{prefix}"
-                        shared[key] = s.unlearn(model, plan, stage, spec, unlearn_seed(seed, plan.step, stage), label,
-                                                {**tagged, "trial": trial.name})
+                        shared[key] = s.unlearn(model, plan, stage, spec, unlearn_seed(seed, plan.step, stage), label)
                     model = shared[key]
                     chain.append((stage, model))
                 last = "-".join(short(sp) for _, sp in trial.specs)
-                metrics = s.evaluate(model, plan, seed, f"{where}/{trial.strategy}/{last}", tagged)
+                metrics = s.evaluate(model, plan, seed, f"{where}/{trial.strategy}/{last}")
                 units.append({"trial": trial, "seed": seed, "proxy": p, "request": v, "plan": plan,
                               "chain": chain, "metrics": metrics, "retrain": retrain, "reference": reference})
     return units
