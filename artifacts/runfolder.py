@@ -342,9 +342,27 @@ def release(held: Held) -> None:
     _release(held, force=True)
 
 
+def flow_run_tree(client: Any, root: Any) -> list[Any]:
+    """The ids of a flow run and of every subflow run below it (the experiment's chains and steps)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    ids, frontier = [root], [root]
+    while frontier:
+        flt = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+        frontier = []
+        while True:
+            page = client.read_flow_runs(flow_run_filter=flt, limit=200, offset=len(frontier))
+            frontier += [r.id for r in page]
+            if len(page) < 200:
+                break
+        ids += frontier
+    return ids
+
+
 def mark_crashed(flow_run_id: str, message: str = "its process died (found by the next run in the same "
                  "folder)") -> bool:
-    """Set a flow run that is still Running (or Pending) to Crashed through the Prefect API."""
+    """Set a flow run that is still Running (or Pending) to Crashed through the Prefect API, and so its
+    subflow runs (the chains and steps a killed process left Running)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
@@ -356,6 +374,10 @@ def mark_crashed(flow_run_id: str, message: str = "its process died (found by th
             return False
         if run.state is not None and run.state.is_final():
             return False
+        for sub in flow_run_tree(client, run.id)[1:]:
+            state = client.read_flow_run(sub).state
+            if state is None or not state.is_final():
+                client.set_flow_run_state(sub, Crashed(message=message), force=True)
         client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
         return True
 

@@ -168,7 +168,7 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
     with runfolder.hold(run_dir, cfg.digest(), cfg.name):
         runfolder.mark_incomplete(run_dir)
         s, base = loop_submitter(cfg, run_dir), records.provenance(cfg)
-        # the same calls as flows/experiment.py::_experiment, in the same order
+        # the same calls as flows/experiment.py's flow and subflows, step by step
         truth = None
         if cfg.memorization.estimate or "memorization" in cfg.proxies:
             truth = s.submit("memorization", f"R{cfg.memorization.models}", data=cfg.data, model=cfg.model,
@@ -179,18 +179,14 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
             scores[seed] = {p: (truth if PROXIES[p].source == "memorization" else
                                 s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}"))
                             for p in cfg.proxies}
-        chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
-                              "scores": scores[seed][p], "recomputed": []}
+        chains = {(seed, p): ex.Chain(seed, p, originals[seed], scores[seed][p], originals[seed], originals[seed])
                   for seed in cfg.seeds for p in cfg.proxies}
-        steps = []
-        for k in range(1, cfg.forget.steps + 1):
-            steps += ex.interleave([ex.submit_chain_step(s, seed, p, k, chain, originals[seed])
-                                    for (seed, p), chain in chains.items()])
+        steps = [ex.submit_step(s, chain, k) for k in range(1, cfg.forget.steps + 1) for chain in chains.values()]
         fq = []
         if cfg.evaluate.forgetting_quality.models:
             first = cfg.seeds[0]
             fq = ex.submit_forgetting_quality(s, first, originals,
-                                              {p: chains[(first, p)]["plans"][0] for p in cfg.proxies})
+                                              {p: chains[(first, p)].plans[0] for p in cfg.proxies})
         n_train = len(dataset_on(cfg.data, cfg.device).train)
         rows = [row for step in steps for row in ex.build_rows(cfg, base, step, n_train)]
         outputs = ex.write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)

@@ -1,21 +1,29 @@
 """The experiment flow: train -> proxies -> K steps of RUM and vanilla unlearning -> retrain -> Parquet.
 
-The flow only orchestrates: it submits every task to the configured task runner with its dependencies
-(futures), then consumes the results as they finish (progress, one table artifact per step), and hands
-them to the row and table builders of rumflow.records.
+The flow only orchestrates: it submits the sources (originals, proxies, true memorization) to the
+configured task runner, runs each (seed, proxy) chain as a subflow and each of its steps as a subflow
+of the chain (the units of the Prefect UI's run graph), every task submitted with its dependencies
+(futures) to the one task runner the flow lends its subflows, and hands the results to the row and
+table builders of rumflow.records.
 """
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from rumflow.artifacts.prefect_artifacts import (advance_progress, artifact_key, publish_step_table,
                                                  publish_summary, start_progress)
@@ -23,7 +31,8 @@ from rumflow.artifacts.report import build_report
 from rumflow.artifacts.tables import write_parquet
 from rumflow.artifacts import runfolder
 from rumflow.config import ExperimentConfig, MethodSpec, dump_config, validate_config
-from rumflow.flows.runners import gpu_slot, task_runner, torch_threads_per_worker
+from rumflow.flows.runners import (SharedTaskRunner, gpu_slot, shared_state, sharing, task_runner,
+                                  torch_threads_per_worker)
 from rumflow.methods.registry import get_method
 from rumflow.metrics import add_derived_columns, tow
 from rumflow.planning import TIERS
@@ -78,6 +87,13 @@ class Step:
     rows: list[Row] = field(default_factory=list)
 
 
+class Stopping(RuntimeError):
+    """A chain that stopped because another one failed (the other's error is the run's)."""
+
+
+_SINK: ContextVar[list[PrefectFuture] | None] = ContextVar("rumflow_submitted", default=None)
+
+
 class Submitter:
     """The run's tasks bound to its folder, submitted with names that say what each call is."""
 
@@ -89,15 +105,30 @@ class Submitter:
                                                            forgetting_quality_task)}
         self.tasks = bound
         self.futures: list[PrefectFuture] = []
+        self.stop = threading.Event()  # set on the first failure: no new task starts
+
+    @contextmanager
+    def collecting(self) -> Iterator[list[PrefectFuture]]:
+        """Also gather, in a list of this thread's own, every future submitted inside the block."""
+        sink: list[PrefectFuture] = []
+        token = _SINK.set(sink)
+        try:
+            yield sink
+        finally:
+            _SINK.reset(token)
 
     def submit(self, name: str, label: str, **params: Any) -> PrefectFuture:
         # The label (seed, proxy, step, ...) names the task run and is deliberately not made Prefect tags:
         # every tagged task run acquires, renews and releases a tag-concurrency lease on the API, and under
         # the default run's load the embedded SQLite server answered those with 503s, which failed the flow
         # run (measured with Prefect 3.9.1).
+        if self.stop.is_set():
+            raise Stopping("the run is stopping after a failed task: no new task starts")
         with gpu_slot(self.cfg):
             future = self.tasks[name].submit(**params, label=label)
         self.futures.append(future)
+        if (sink := _SINK.get()) is not None:
+            sink.append(future)
         return future
 
     def train(self, seed: int, plan: Any, label: str, events: bool = False) -> PrefectFuture:
@@ -142,70 +173,76 @@ def method_code(spec: MethodSpec) -> str:
                     + ("rumflow.tasks.unlearning",))
 
 
-def submit_chain_step(s: Submitter, seed: int, proxy: str, k: int, chain: dict[str, Any],
-                      original: PrefectFuture) -> Iterator[None]:
-    """Step k of a (seed, proxy) chain: plan, retrain reference, RUM's tiers, vanilla, evaluations.
+@dataclass
+class Chain:
+    """One (seed, proxy) chain's state between its steps: the futures each next step starts from."""
 
-    A generator that pauses after each submit (see `interleave`); it returns the step's Step."""
-    cfg, where = s.cfg, f"s{seed}/{proxy}/step{k}"
+    seed: int
+    proxy: str
+    original: PrefectFuture
+    scores: PrefectFuture
+    rum: PrefectFuture
+    vanilla: PrefectFuture
+    plan: PrefectFuture | None = None
+    plans: list[PrefectFuture] = field(default_factory=list)
+    recomputed: list[tuple[int, PrefectFuture]] = field(default_factory=list)
+
+
+def submit_step(s: Submitter, chain: Chain, k: int) -> Step:
+    """Step k of a chain: plan, retrain reference, RUM's tiers, vanilla, and their evaluations."""
+    cfg, seed, proxy, where = s.cfg, chain.seed, chain.proxy, f"s{chain.seed}/{chain.proxy}/step{k}"
     if k > 1 and proxy in cfg.recompute:
-        chain["scores"] = s.scores(proxy, seed, original, chain["rum"], f"{where}/{proxy}-on-rum")
-        chain["recomputed"].append((k, chain["scores"]))
-        yield
-    plan = s.submit("plan", where, step=k, proxy=proxy, scores=chain["scores"], previous=chain["plan"],
+        chain.scores = s.scores(proxy, seed, chain.original, chain.rum, f"{where}/{proxy}-on-rum")
+        chain.recomputed.append((k, chain.scores))
+    plan = s.submit("plan", where, step=k, proxy=proxy, scores=chain.scores, previous=chain.plan,
                     per_tier=cfg.forget.per_tier, data=cfg.data, device=cfg.device, workdir=s.workdir)
-    chain["plan"] = plan
-    yield
+    chain.plan = plan
     step = Step(seed, proxy, k)
     retrain = s.train(seed, plan, f"{where}/retrain")
-    yield
     if k == 1:
-        step.rows.append(Row(seed, proxy, "original", 0, "mix", True, NONE, original,
-                             s.evaluate(original, plan, seed, f"{where}/original"), plan, retrain,
+        step.rows.append(Row(seed, proxy, "original", 0, "mix", True, NONE, chain.original,
+                             s.evaluate(chain.original, plan, seed, f"{where}/original"), plan, retrain,
                              TRAIN_CODE))
-        yield
     step.rows.append(Row(seed, proxy, "retrain", k, "mix", True, RETRAIN, retrain,
                          s.evaluate(retrain, plan, seed, f"{where}/retrain"), plan, retrain, TRAIN_CODE))
-    yield
     earlier: list[PrefectFuture] = []
     for stage in TIERS:
         spec = getattr(cfg.rum, stage)
         label = f"{where}/rum-{stage}/{spec.method}"
-        chain["rum"] = s.unlearn(chain["rum"], plan, stage, spec, unlearn_seed(seed, k, stage), label)
-        yield
-        step.rows.append(Row(seed, proxy, "rum", k, stage, stage == TIERS[-1], spec, chain["rum"],
-                             s.evaluate(chain["rum"], plan, seed, label), plan, retrain, method_code(spec),
+        chain.rum = s.unlearn(chain.rum, plan, stage, spec, unlearn_seed(seed, k, stage), label)
+        step.rows.append(Row(seed, proxy, "rum", k, stage, stage == TIERS[-1], spec, chain.rum,
+                             s.evaluate(chain.rum, plan, seed, label), plan, retrain, method_code(spec),
                              after=list(earlier)))
-        earlier.append(chain["rum"])
-        yield
+        earlier.append(chain.rum)
     label = f"{where}/vanilla/{cfg.vanilla.method}"
-    chain["vanilla"] = s.unlearn(chain["vanilla"], plan, "mix", cfg.vanilla, unlearn_seed(seed, k, "mix"), label)
-    yield
-    step.rows.append(Row(seed, proxy, "vanilla", k, "mix", True, cfg.vanilla, chain["vanilla"],
-                         s.evaluate(chain["vanilla"], plan, seed, label), plan, retrain,
-                         method_code(cfg.vanilla)))
-    chain["plans"].append(plan)
+    chain.vanilla = s.unlearn(chain.vanilla, plan, "mix", cfg.vanilla, unlearn_seed(seed, k, "mix"), label)
+    step.rows.append(Row(seed, proxy, "vanilla", k, "mix", True, cfg.vanilla, chain.vanilla,
+                         s.evaluate(chain.vanilla, plan, seed, label), plan, retrain, method_code(cfg.vanilla)))
+    chain.plans.append(plan)
     return step
 
 
-def interleave(steps: list[Iterator[None]]) -> list[Any]:
-    """Run the submitting generators one submit at a time, round robin, and return what each returned.
+def tasks_per_step(cfg: ExperimentConfig, proxy: str, k: int) -> int:
+    """How many tasks `submit_step` submits for step k of a `proxy` chain (the progress bar's share)."""
+    def call(spec: MethodSpec) -> int:
+        return 2 if get_method(spec.method).prepare is not None else 1
 
-    The thread and process runners take tasks first in, first out, and a task waiting for its upstream
-    holds its worker: interleaving the chains puts tasks of other chains between a task and the one
-    that needs it, so the workers run chains side by side instead of waiting on each other."""
-    results: list[Any] = [None] * len(steps)
-    live = list(enumerate(steps))
-    while live:
-        still = []
-        for i, gen in live:
-            try:
-                next(gen)
-                still.append((i, gen))
-            except StopIteration as done:
-                results[i] = done.value
-        live = still
-    return results
+    n = (k > 1 and proxy in cfg.recompute) + 1 + 1 + (k == 1) + 1  # proxy, plan, retrain, evaluations
+    return n + sum(call(getattr(cfg.rum, stage)) + 1 for stage in TIERS) + call(cfg.vanilla) + 1
+
+
+def planned_tasks(cfg: ExperimentConfig) -> int:
+    """Every task the experiment submits: sources (true memorization, originals, proxies), the chains'
+    steps and the forgetting-quality replicas; the progress bar counts them all."""
+    sources = int(bool(cfg.memorization.estimate or "memorization" in cfg.proxies))
+    sources += len(cfg.seeds) * (1 + sum(PROXIES[p].source != "memorization" for p in cfg.proxies))
+    steps = len(cfg.seeds) * sum(tasks_per_step(cfg, p, k) for p in cfg.proxies
+                                 for k in range(1, cfg.forget.steps + 1))
+    n = cfg.evaluate.forgetting_quality.models
+    calls = {"rum": [getattr(cfg.rum, stage) for stage in TIERS], "vanilla": [cfg.vanilla]}
+    fq = sum(n + sum(n * sum(2 if get_method(spec.method).prepare is not None else 1 for spec in specs) + 1
+                     for specs in calls.values()) for _ in cfg.proxies) if n else 0
+    return sources + steps + fq
 
 
 def build_rows(cfg: ExperimentConfig, base: dict[str, Any], step: Step, n_train: int) -> list[dict[str, Any]]:
@@ -299,13 +336,120 @@ def api_for_workers():
             os.environ["PREFECT_API_URL"] = before
 
 
+class Progress:
+    """The run's progress artifact: finished tasks over every task the run plans (thread-safe; the
+    chains' subflows tick it as their tasks finish)."""
+
+    def __init__(self, key: str, total: int):
+        self.total, self.done, self.shown, self.lock = total, 0, -1, threading.Lock()
+        self.id = start_progress(key, total, f"{total} tasks: training, proxies, references, unlearning, "
+                                             "evaluation")
+
+    def tick(self) -> None:
+        with self.lock:
+            self.done += 1
+            if int(100 * self.done / self.total) != self.shown:
+                self.shown = int(100 * self.done / self.total)
+                advance_progress(self.id, self.done, self.total)
+
+
+@dataclass
+class Run:
+    """What a running experiment's subflows share in this process (their parameters stay small: the run
+    key, seed, proxy, step), lent to them with the flow's task runner (flows.runners.sharing)."""
+
+    cfg: ExperimentConfig
+    submitter: Submitter
+    base: dict[str, Any]
+    key: str
+    n_train: int
+    progress: Progress
+    chains: dict[tuple[int, str], Chain]
+    rows: dict[tuple[int, str, int], list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class Handoff(BaseModel):
+    """What a step hands to the next one of its chain: the models it ends with (drawn as the edge
+    between the two step subflows in the run graph)."""
+
+    seed: int
+    proxy: str
+    step: int
+    rum_sha256: str
+    vanilla_sha256: str
+
+
+def settle(futures: list[PrefectFuture], run: Run) -> None:
+    """Wait for `futures` in the order they finish, raising the first failure; tick the progress."""
+    for future in as_completed(futures):
+        try:
+            future.result()
+        except BaseException:
+            run.submitter.stop.set()  # the other chains stop at their next submit
+            raise
+        run.progress.tick()
+
+
+@flow(name="rumflow-step", flow_run_name="s{seed}/{proxy}/step{k}", log_prints=False)
+def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | None = None) -> Handoff:
+    """Step k of the (seed, proxy) chain, starting from the models `previous` ended with: its tasks, then
+    its table artifact and log line once they are all done."""
+    run: Run = shared_state(run_key)
+    chain = run.chains[(seed, proxy)]
+    with run.submitter.collecting() as submitted:
+        step = submit_step(run.submitter, chain, k)
+    settle(submitted, run)
+    rows = build_rows(run.cfg, run.base, step, run.n_train)
+    run.rows[(seed, proxy, k)] = rows
+    cached = all(_is_cached(f) for r in step.rows for f in (r.model, r.metrics))
+    get_run_logger().info(step_line(step, rows, cached))
+    publish_step_table(run.key, seed, proxy, k, add_derived_columns(pd.DataFrame(rows)).to_dict("records"))
+    return Handoff(seed=seed, proxy=proxy, step=k, rum_sha256=chain.rum.result().ckpt.sha256,
+                   vanilla_sha256=chain.vanilla.result().ckpt.sha256)
+
+
+@flow(name="rumflow-chain", flow_run_name="s{seed}/{proxy}", log_prints=False)
+def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
+    """The K sequential steps of one (seed, proxy) chain, each a subflow of its own."""
+    run: Run = shared_state(run_key)
+    previous = None
+    for k in range(1, run.cfg.forget.steps + 1):
+        previous = step_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy, k, previous)
+    return previous
+
+
+@task(name="chain", task_run_name="chain s{seed}/{proxy}", cache_policy=NO_CACHE, persist_result=False)
+def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any) -> Handoff | None:
+    """Run the (seed, proxy) chain's subflow once its original model and its proxy scores are ready
+    (they are its inputs in the run graph); the chain's own tasks go to the flow's task runner."""
+    return chain_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy)
+
+
+def wait_for_chains(run: Run, sources: list[PrefectFuture], chains: list[PrefectFuture]) -> None:
+    """Wait for the sources (ticking the progress) and the chains; raise the first real failure (a
+    chain that only stopped because another failed waits for that one's error)."""
+    stopped: Stopping | None = None
+    for future in as_completed(sources + chains):
+        try:
+            future.result()
+        except Stopping as exc:
+            stopped = stopped or exc
+            continue
+        except BaseException:
+            run.submitter.stop.set()
+            raise
+        if future in sources:
+            run.progress.tick()
+    if stopped is not None:
+        raise stopped
+
+
 def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
-    """The body of the experiment flow (in its run context)."""
-    log = get_run_logger()
+    """The body of the experiment flow (in its run context): the sources as tasks, each chain as a
+    subflow (driven from a thread of its own, so the chains run side by side), then the outputs."""
     s = Submitter(cfg, run_dir)
     base = records.provenance(cfg)
     key = artifact_key(cfg.name, base["config_sha"][:8])
-
     truth = None
     if cfg.memorization.estimate or "memorization" in cfg.proxies:
         truth = s.submit("memorization", f"R{cfg.memorization.models}", data=cfg.data, model=cfg.model,
@@ -317,20 +461,21 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
         scores[seed] = {p: (truth if PROXIES[p].source == "memorization" else
                             s.scores(p, seed, originals[seed], originals[seed], f"s{seed}/{p}"))
                         for p in cfg.proxies}
-    chains = {(seed, p): {"rum": originals[seed], "vanilla": originals[seed], "plan": None, "plans": [],
-                          "scores": scores[seed][p], "recomputed": []}
+    chains = {(seed, p): Chain(seed, p, originals[seed], scores[seed][p], originals[seed], originals[seed])
               for seed in cfg.seeds for p in cfg.proxies}
-    steps: list[Step] = []
-    for k in range(1, cfg.forget.steps + 1):  # the chains' tasks interleaved, so every worker stays busy
-        steps += interleave([submit_chain_step(s, seed, p, k, chain, originals[seed])
-                             for (seed, p), chain in chains.items()])
+    run = Run(cfg, s, base, key, len(dataset_on(cfg.data, cfg.device).train), Progress(key, planned_tasks(cfg)),
+              chains)
+    with sharing(FlowRunContext.get().task_runner, run) as run_key, ThreadPoolTaskRunner(len(chains)) as drivers:
+        wait_for_chains(run, list(s.futures), [
+            drivers.submit(chain_task, {"run_key": run_key, "seed": seed, "proxy": p, "original": chain.original,
+                                        "scores": chain.scores}) for (seed, p), chain in chains.items()])
     fq = []
     if cfg.evaluate.forgetting_quality.models:
         first = cfg.seeds[0]
-        fq = submit_forgetting_quality(s, first, originals, {p: chains[(first, p)]["plans"][0] for p in cfg.proxies})
-
-    n_train = len(dataset_on(cfg.data, cfg.device).train)
-    rows = consume(cfg, s, steps, base, key, n_train, log)
+        with s.collecting() as submitted:
+            fq = submit_forgetting_quality(s, first, originals, {p: chains[(first, p)].plans[0] for p in cfg.proxies})
+        settle(submitted, run)
+    rows = [row for k in range(1, cfg.forget.steps + 1) for (seed, p) in chains for row in run.rows[(seed, p, k)]]
     outputs = write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
     outputs += build_report(run_dir)
     runfolder.finish(run_dir, dump_config(cfg), outputs, cfg.digest())  # config.yaml, then the manifest last
@@ -338,43 +483,9 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
     return str(run_dir)
 
 
-def consume(cfg: ExperimentConfig, s: Submitter, steps: list[Step], base: dict[str, Any], key: str, n_train: int,
-            log: Any) -> list[dict[str, Any]]:
-    """Follow the submitted work as it finishes: progress over every task, and each step's table and log
-    line once all of its tasks are done. Returns every row."""
-    total = len(s.futures)
-    progress = start_progress(key, total, f"{total} tasks: training, proxies, references, unlearning, evaluation")
-    pending = {id(step): {id(f) for r in step.rows for f in (r.model, r.metrics, r.plan, r.retrain)}
-               for step in steps}
-    waiting = {}
-    for step in steps:
-        for r in step.rows:
-            for f in (r.model, r.metrics, r.plan, r.retrain):
-                waiting.setdefault(id(f), []).append(step)
-    rows: dict[int, list[dict[str, Any]]] = {}
-    done, shown = 0, -1
-    for future in as_completed(list(s.futures)):
-        future.result()  # raise the first failure here, with its task's error
-        done += 1
-        if int(100 * done / total) != shown:
-            shown = int(100 * done / total)
-            advance_progress(progress, done, total)
-        for step in waiting.get(id(future), []):
-            left = pending[id(step)]
-            left.discard(id(future))
-            if not left:
-                built = build_rows(cfg, base, step, n_train)
-                rows[id(step)] = built
-                cached = all(_is_cached(f) for r in step.rows for f in (r.model, r.metrics))
-                log.info(step_line(step, built, cached))
-                publish_step_table(key, step.seed, step.proxy, step.k,
-                                   add_derived_columns(pd.DataFrame(built)).to_dict("records"))
-    return [row for step in steps for row in rows[id(step)]]
-
-
 def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], rows: list[dict[str, Any]],
                   originals: dict[int, PrefectFuture], scores: dict[int, dict[str, PrefectFuture]],
-                  chains: dict[tuple[int, str], dict[str, Any]], truth: PrefectFuture | None,
+                  chains: dict[tuple[int, str], Chain], truth: PrefectFuture | None,
                   fq: list[tuple[str, str, PrefectFuture]]) -> list[Path]:
     """steps.parquet, examples.parquet, proxies.parquet (and forgetting_quality.parquet); their paths."""
     written = [write_parquet(records.steps_table(rows, cfg.proxies), run_dir / "steps.parquet")]
@@ -383,8 +494,8 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], ro
               for seed in cfg.seeds]
     marks = []
     for (seed, p), chain in chains.items():
-        blocks += [records.scores_block(seed, k, {p: f.result().load(run_dir)}) for k, f in chain["recomputed"]]
-        for plan in chain["plans"]:
+        blocks += [records.scores_block(seed, k, {p: f.result().load(run_dir)}) for k, f in chain.recomputed]
+        for plan in chain.plans:
             marks += records.forgotten_marks(seed, p, plan.result())
     written.append(write_parquet(records.examples_table(base, cfg.proxies, train.ids(), train.y.cpu().numpy(),
                                                         blocks, marks), run_dir / "examples.parquet"))

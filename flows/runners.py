@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import uuid
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
+
+from prefect.task_runners import TaskRunner
 
 from rumflow.config import ExperimentConfig, RunnerConfig
 from rumflow.errors import ConfigError
@@ -145,3 +148,55 @@ def gpu_slot(cfg: ExperimentConfig) -> Iterator[None]:
     else:
         with nullcontext():
             yield
+
+
+_SHARED: dict[str, tuple[TaskRunner, Any]] = {}  # by key: a running flow's started task runner, and its state
+
+
+@contextmanager
+def sharing(runner: TaskRunner, state: Any = None) -> Iterator[str]:
+    """Lend a started task runner (and the run's in-process state) to this process's subflows under a
+    fresh key: see SharedTaskRunner and shared_state. Subflow parameters then stay small (the key)."""
+    key = uuid.uuid4().hex
+    _SHARED[key] = (runner, state)
+    try:
+        yield key
+    finally:
+        _SHARED.pop(key, None)
+
+
+def shared_state(key: str) -> Any:
+    """The state a running flow lent its subflows under `key`. (A module-level lookup: Prefect pickles a
+    flow's or task's function by value, with the globals it names, and live run state must not go.)"""
+    return _SHARED[key][1]
+
+
+class SharedTaskRunner(TaskRunner):
+    """A subflow's view of its parent flow's task runner: tasks submitted in the subflow go to the one
+    runner the parent started (threads, processes, Ray or Dask), which the subflow neither starts nor
+    stops. Only the key travels when a task's context is pickled for a worker process."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def duplicate(self) -> "SharedTaskRunner":
+        return SharedTaskRunner(self.key)
+
+    def __enter__(self) -> "SharedTaskRunner":
+        self._started = True  # also in a worker process, where Prefect enters the runner of a task's flow
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._started = False
+
+    def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
+        if self.key not in _SHARED:
+            raise RuntimeError(f"no running flow of this process lends its task runner under key {self.key}")
+        return _SHARED[self.key][0].submit(task, parameters, wait_for, dependencies)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["key"])

@@ -114,15 +114,17 @@ def _quiet_user_tracebacks() -> None:
 
 
 def _wait_for_records(flow_run_id, timeout: float = 30.0) -> None:
-    """Poll until every task run of the flow run is recorded in a final state (or `timeout` passes)."""
+    """Poll until every task run of the flow run and of its subflow runs is recorded in a final state
+    (or `timeout` passes)."""
     from prefect.client.orchestration import get_client
+
+    from rumflow.artifacts.runfolder import flow_run_tree
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
                                                 TaskRunFilterState, TaskRunFilterStateType)
     from prefect.client.schemas.objects import StateType
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all()
-    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     final = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
         any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED])))
     deadline, last = time.monotonic() + timeout, (-1, -1)
@@ -136,6 +138,7 @@ def _wait_for_records(flow_run_id, timeout: float = 30.0) -> None:
         return int(response.json())
 
     with get_client(sync_client=True) as client:
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=flow_run_tree(client, flow_run_id)))
         while time.monotonic() < deadline:
             counts = (count(client), count(client, final))
             if counts[0] == counts[1] and counts == last:

@@ -29,10 +29,13 @@ def read_artifacts(key: str | None = None, artifact_id=None) -> list[Artifact]:
 
 
 def task_states(flow_run_id) -> list[tuple[str, str]]:
-    """(task run name, state name) of every task run of a flow run, once they have all reached the API."""
-    flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    """(task run name, state name) of every task run of a flow run and of its subflow runs (the
+    experiment's chains and steps), once they have all reached the API. Orchestration task runs are
+    left out: the chain drivers (never cached) and the task runs that stand for subflow calls."""
+    from rumflow.artifacts.runfolder import flow_run_tree
 
     def read_all(client) -> list:
+        flt = FlowRunFilter(id=FlowRunFilterId(any_=flow_run_tree(client, flow_run_id)))
         runs: list = []
         while True:
             page = client.read_task_runs(flow_run_filter=flt, sort=TaskRunSort.EXPECTED_START_TIME_ASC,
@@ -48,7 +51,12 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
             if runs and all(r.state is not None and r.state.is_final() for r in runs):
                 break
             time.sleep(0.2)
-    return [(r.name, r.state.name) for r in runs]
+    return [(r.name, r.state.name) for r in runs if not orchestration(r)]
+
+
+def orchestration(run) -> bool:
+    """A chain driver, or a task run Prefect creates in a parent flow run for a subflow call."""
+    return run.name.startswith("chain ") or run.task_key.startswith(("chain_flow-", "step_flow-"))
 
 
 def run_experiment(config: dict, out: Path):

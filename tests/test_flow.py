@@ -11,6 +11,8 @@ import pandas as pd
 import yaml
 from apihelpers import read_artifacts, run_experiment, task_states
 
+from rumflow.flows.experiment import planned_tasks
+
 
 TIME_COLUMNS = {"seconds", "seconds_step", "retrain_seconds", "rte", "rte_step", "efficient", "host",
                 # provenance: a process started while tests/test_caching.py edits a method file (tests run in
@@ -22,6 +24,53 @@ def comparable(df: pd.DataFrame) -> pd.DataFrame:
     """The steps table without wall times (which differ between runs by nature)."""
     keys = ["seed", "proxy", "strategy", "step", "stage"]
     return df.drop(columns=[c for c in df.columns if c in TIME_COLUMNS]).sort_values(keys, ignore_index=True)
+
+
+def check_run_graph(flow_run_id, cfg) -> None:
+    """The UI's units, read back from the API: one subflow per (seed, proxy) chain under the run, one per
+    step under its chain, each step's tasks in its step's flow run, and the edges between them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    from rumflow.artifacts.runfolder import flow_run_tree
+
+    def children(client, parent) -> dict:
+        flt = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent]))
+        return {r.name: r for r in client.read_flow_runs(flow_run_filter=flt)}
+
+    def tasks(client, run_id) -> dict:
+        return {t.name: t for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200)}
+
+    with get_client(sync_client=True) as client:
+        chains = children(client, flow_run_id)
+        assert set(chains) == {f"s{seed}/{p}" for seed in cfg.seeds for p in cfg.proxies}
+        top = tasks(client, flow_run_id)
+        for name, chain in chains.items():
+            driver = top[f"chain {name}"]  # its inputs are the chain's original model and proxy scores
+            inputs = {i.id for refs in driver.task_inputs.values() for i in refs}
+            seed, proxy = name[1:].split("/")
+            assert {top[f"train s{seed}/original"].id, top[f"proxy {name}"].id} <= inputs
+            steps = children(client, chain.id)
+            assert set(steps) == {f"{name}/step{k}" for k in range(1, cfg.forget.steps + 1)}
+            calls = tasks(client, chain.id)  # the task runs that stand for the step subflows in the chain
+            by_run = {c.id: c for c in calls.values()}
+            for k in range(1, cfg.forget.steps + 1):
+                step = steps[f"{name}/step{k}"]
+                inside = tasks(client, step.id)
+                assert f"plan {name}/step{k}" in inside and f"train {name}/step{k}/retrain" in inside
+                assert all(t.startswith(("plan", "train", "unlearn", "evaluate", "prepare", "proxy")) and
+                           f"{name}/step{k}" in t for t in inside), inside
+                call = by_run[step.parent_task_run_id]
+                if k > 1:  # drawn from the previous step, whose models this one starts from
+                    before = steps[f"{name}/step{k - 1}"]
+                    assert {i.id for refs in call.task_inputs.values() for i in refs} & {before.id,
+                                                                                          before.parent_task_run_id}
+        every = len(client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=flow_run_tree(client, flow_run_id))), limit=200))
+    n_chains = len(cfg.seeds) * len(cfg.proxies)
+    # every planned task, plus per chain: its driver, the chain's call and its steps' calls
+    assert every == planned_tasks(cfg) + n_chains * (2 + cfg.forget.steps)
 
 
 def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_api, tmp_path, tiny_config):
@@ -47,6 +96,8 @@ def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_ap
     key = f"tiny-{validate_config(tiny_config).digest()[:8]}"
     progress = read_artifacts(f"{key}-progress")
     assert progress and progress[0].data == 100.0  # every chain step advanced it
+    assert progress[0].description == "{0} of {0} done".format(planned_tasks(validate_config(tiny_config)))
+    check_run_graph(first_id, validate_config(tiny_config))
     for proxy in ("confidence", "holdout-retraining"):
         for k in (1, 2):
             table = read_artifacts(f"{key}-s0-{proxy}-step{k}")[0]
