@@ -2,8 +2,9 @@
 # Check the Prefect UI in a real browser (headless Chromium): start a server on loopback with a temporary
 # PREFECT_HOME, create a tiny service, submit a request, let the served deployment run it, run a tiny
 # experiment against the same server, then screenshot the deployment page, the service flow-run graph, a
-# service step artifact, the experiment's run graph and one of its step artifacts into docs/ui/*.png and
-# check the pages' text for the run's state and the artifact's figures.
+# service step artifact, the experiment's run graph, its list of chain subflows, one chain's graph (its
+# step subflows), one step's graph (its tasks) and one of its step artifacts into docs/ui/*.png and
+# check the pages' text for the run's state, the units' names and the artifact's figures.
 #
 #   scripts/ui_check.sh            (about 3-6 minutes on 2 cores; needs `apt-get` only if chromium is absent)
 set -euo pipefail
@@ -76,7 +77,7 @@ echo "request r1: $state"
 sleep 8  # let the flow run reach its final state in the API
 
 echo "== a tiny experiment on the same server"
-rumflow run --out "$WORK/runs" --set name=ui-tiny --set train.epochs=5 --set "proxies=[confidence]" \
+rumflow run --out "$WORK/runs" --set name=ui-tiny --set train.epochs=5 --set "proxies=[confidence,entropy]" \
   --set forget.steps=2 --set forget.per_tier=5 --set rum.mid.epochs=1 --set rum.high.epochs=1 \
   --set vanilla.epochs=1 --set "seeds=[0]" 2>&1 | tail -4
 
@@ -97,11 +98,19 @@ exp = [r for r in post("/flow_runs/filter", {"flows": {"name": {"any_": ["rumflo
 # the experiment's step tables are keyed <name>-...-step<k> (the middle part depends on the flow's version)
 exp_arts = [a for a in post("/artifacts/filter", {"artifacts": {"key": {"like_": "step1"}}, "sort": "CREATED_DESC"})
             if (a.get("key") or "").startswith("ui-tiny-") and a["type"] == "table"]
+# the experiment's units: its chain subflows (one per seed x proxy), and the step subflows of a chain
+subflows = lambda parent: post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent]}}})
+chains = {r["name"]: r for r in subflows(exp[0]["id"])} if exp else {}
+steps = {r["name"]: r for r in subflows(chains["s0/confidence"]["id"])} if "s0/confidence" in chains else {}
 pages = {
     "service-deployment": f"{ui}/deployments/deployment/{dep['id']}",
     "service-flow-run": f"{ui}/runs/flow-run/{flow_run_id}",
     "service-step-artifact": f"{ui}/artifacts/artifact/{art['id']}",
     "experiment-flow-run": f"{ui}/runs/flow-run/{exp[0]['id']}" if exp else None,
+    "experiment-subflow-runs": f"{ui}/runs/flow-run/{exp[0]['id']}?tab=Subflow%20Runs" if exp else None,
+    "experiment-chain-run": f"{ui}/runs/flow-run/{chains['s0/confidence']['id']}" if chains else None,
+    "experiment-step-run": (f"{ui}/runs/flow-run/{steps['s0/confidence/step2']['id']}"
+                            if "s0/confidence/step2" in steps else None),
     "experiment-step-artifact": f"{ui}/artifacts/artifact/{exp_arts[0]['id']}" if exp_arts else None,
 }
 flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -130,6 +139,12 @@ for name, url in pages.items():
         need = ["ui-service", "rumflow-service-step", "Every 15 seconds", "Completed"]
     elif name.endswith("flow-run"):
         need = ["Completed"]
+    elif name == "experiment-subflow-runs":
+        need = ["s0/confidence", "s0/entropy", "rumflow-chain"]
+    elif name == "experiment-chain-run":
+        need = ["s0/confidence", "Completed", "rumflow-chain"]
+    elif name == "experiment-step-run":
+        need = ["s0/confidence/step2", "Completed", "seed 0 | confidence | step 2"]
     elif name == "service-step-artifact":
         need = ["r1", f"v{version}", "pass", str(round(figures["acc_forget"], 4)), str(round(figures["acc_test"], 4))]
     else:
