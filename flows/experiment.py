@@ -18,10 +18,12 @@ from typing import Any, Iterator
 
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
+from prefect.logging.loggers import flow_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -32,7 +34,7 @@ from rumflow.artifacts.tables import write_parquet
 from rumflow.artifacts import runfolder
 from rumflow.config import ExperimentConfig, MethodSpec, dump_config, validate_config
 from rumflow.flows.runners import (SharedTaskRunner, gpu_slot, shared_state, sharing, task_runner,
-                                  torch_threads_per_worker)
+                                  torch_threads_per_worker, worker_count)
 from rumflow.methods.registry import get_method
 from rumflow.metrics import add_derived_columns, tow
 from rumflow.planning import TIERS
@@ -368,6 +370,12 @@ class Run:
     rows: dict[tuple[int, str, int], list[dict[str, Any]]] = field(default_factory=dict)
 
 
+# Chains in flight per worker: enough independent tasks (each step's retrain, RUM and vanilla branches)
+# to keep every worker busy, few enough that a cached re-run does not flood the API with subflow runs at
+# once (with 15 at once, the embedded SQLite server answered a subflow's task-run creation with 503).
+CHAINS_PER_WORKER = 2
+
+
 class Handoff(BaseModel):
     """What a step hands to the next one of its chain: the models it ends with (drawn as the edge
     between the two step subflows in the run graph)."""
@@ -402,7 +410,8 @@ def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | N
     rows = build_rows(run.cfg, run.base, step, run.n_train)
     run.rows[(seed, proxy, k)] = rows
     cached = all(_is_cached(f) for r in step.rows for f in (r.model, r.metrics))
-    get_run_logger().info(step_line(step, rows, cached))
+    ctx = FlowRunContext.get()  # the step's logger (the chain task's run context is still set here)
+    flow_run_logger(ctx.flow_run, ctx.flow).info(step_line(step, rows, cached))
     publish_step_table(run.key, seed, proxy, k, add_derived_columns(pd.DataFrame(rows)).to_dict("records"))
     return Handoff(seed=seed, proxy=proxy, step=k, rum_sha256=chain.rum.result().ckpt.sha256,
                    vanilla_sha256=chain.vanilla.result().ckpt.sha256)
@@ -421,8 +430,13 @@ def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
 @task(name="chain", task_run_name="chain s{seed}/{proxy}", cache_policy=NO_CACHE, persist_result=False)
 def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any) -> Handoff | None:
     """Run the (seed, proxy) chain's subflow once its original model and its proxy scores are ready
-    (they are its inputs in the run graph); the chain's own tasks go to the flow's task runner."""
-    return chain_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy)
+    (they are its inputs in the run graph); the chain's own tasks go to the flow's task runner.
+
+    The subflows send no heartbeats (the experiment's flow run does): Prefect joins a flow run's
+    heartbeat thread at its end, and that thread sleeps in 1-second steps, which cost each subflow run
+    up to a second (an empty subflow took 1.3 s with them, 0.4 s without, embedded server)."""
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return chain_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy)
 
 
 def wait_for_chains(run: Run, sources: list[PrefectFuture], chains: list[PrefectFuture]) -> None:
@@ -465,7 +479,8 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
               for seed in cfg.seeds for p in cfg.proxies}
     run = Run(cfg, s, base, key, len(dataset_on(cfg.data, cfg.device).train), Progress(key, planned_tasks(cfg)),
               chains)
-    with sharing(FlowRunContext.get().task_runner, run) as run_key, ThreadPoolTaskRunner(len(chains)) as drivers:
+    drivers = ThreadPoolTaskRunner(min(len(chains), CHAINS_PER_WORKER * worker_count(cfg.runner, cfg.device)))
+    with sharing(FlowRunContext.get().task_runner, run) as run_key, drivers:
         wait_for_chains(run, list(s.futures), [
             drivers.submit(chain_task, {"run_key": run_key, "seed": seed, "proxy": p, "original": chain.original,
                                         "scores": chain.scores}) for (seed, p), chain in chains.items()])

@@ -339,6 +339,7 @@ TINY_SETS = ["train.epochs=2", "proxies=[confidence]", "forget.steps=1", "forget
 def test_the_next_run_marks_a_killed_runs_flow_run_crashed(prefect_api, capsys, tmp_path):
     """A run SIGKILLed in a folder leaves its lock and a flow run stuck in Running; the next `rumflow run`
     there takes the stale lock over and marks that flow run Crashed."""
+    import prefect
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.states import Running
@@ -349,6 +350,10 @@ def test_the_next_run_marks_a_killed_runs_flow_run_crashed(prefect_api, capsys, 
 
     with get_client(sync_client=True) as client:
         stuck = client.create_flow_run(killed, state=Running())
+        # one of its chain subflows, left Running too
+        call = client.create_task_run(prefect.task(lambda: None, name="rumflow-chain"), flow_run_id=stuck.id,
+                                      dynamic_key="0")
+        sub = client.create_flow_run(killed, state=Running(), parent_task_run_id=call.id)
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -360,4 +365,5 @@ def test_the_next_run_marks_a_killed_runs_flow_run_crashed(prefect_api, capsys, 
     assert "Results:" in out
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(stuck.id).state.type.value == "CRASHED"
+        assert client.read_flow_run(sub.id).state.type.value == "CRASHED"
     assert not (run_dir / runfolder.LOCK).exists()

@@ -73,8 +73,18 @@ def check_run_graph(flow_run_id, cfg) -> None:
     assert every == planned_tasks(cfg) + n_chains * (2 + cfg.forget.steps)
 
 
-def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_api, tmp_path, tiny_config):
+def step_lines(caplog) -> list[str]:
+    """The steps' log lines, as the flow-run logger of each step subflow wrote them (console and API)."""
+    return [r.getMessage() for r in caplog.records if r.name == "prefect.flow_runs" and "| step " in r.getMessage()]
+
+
+def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_api, tmp_path, tiny_config, caplog):
+    caplog.set_level("INFO")
     run_dir, first_id = run_experiment(tiny_config, tmp_path)
+    lines = step_lines(caplog)
+    assert len(lines) == 4 and any(line.startswith("seed 0 | confidence | step 2: ToW rum") for line in lines)
+    assert not any(line.endswith("cached") for line in lines)
+    caplog.clear()
     steps = pd.read_parquet(run_dir / "steps.parquet")
     # per proxy: original + 2 steps x (retrain + 3 RUM sub-steps + vanilla)
     assert len(steps) == 2 * (1 + 2 * 5)
@@ -116,6 +126,7 @@ def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_ap
     assert "unlearn s0/confidence/step2/rum-high/neggrad_plus" in names
 
     again_dir, second_id = run_experiment(tiny_config, tmp_path)
+    assert len(step_lines(caplog)) == 4 and all(line.endswith("| cached") for line in step_lines(caplog))
     second_states = task_states(second_id)
     assert len(second_states) == len(first_states)
     assert all(state == "Cached" for _, state in second_states), second_states
