@@ -2,7 +2,7 @@
 # Check the Prefect UI in a real browser (headless Chromium): start a server on loopback with a temporary
 # PREFECT_HOME, create a tiny service, submit a request, let the served deployment run it, run a tiny
 # experiment against the same server, then screenshot the deployment page, the service flow-run graph, a
-# service step artifact, the experiment's run graph, its list of chain subflows, one chain's graph (its
+# service step artifact, the experiment's run graph (its chains), one chain's graph (its
 # step subflows), one step's graph (its tasks) and one of its step artifacts into docs/ui/*.png and
 # check the pages' text for the run's state, the units' names and the artifact's figures.
 #
@@ -101,13 +101,13 @@ exp_arts = [a for a in post("/artifacts/filter", {"artifacts": {"key": {"like_":
 # the experiment's units: its chain subflows (one per seed x proxy), and the step subflows of a chain
 subflows = lambda parent: post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent]}}})
 chains = {r["name"]: r for r in subflows(exp[0]["id"])} if exp else {}
+print("chain subflows of the experiment run:", ", ".join(sorted(chains)))
 steps = {r["name"]: r for r in subflows(chains["s0/confidence"]["id"])} if "s0/confidence" in chains else {}
 pages = {
     "service-deployment": f"{ui}/deployments/deployment/{dep['id']}",
     "service-flow-run": f"{ui}/runs/flow-run/{flow_run_id}",
     "service-step-artifact": f"{ui}/artifacts/artifact/{art['id']}",
     "experiment-flow-run": f"{ui}/runs/flow-run/{exp[0]['id']}" if exp else None,
-    "experiment-subflow-runs": f"{ui}/runs/flow-run/{exp[0]['id']}?tab=Subflow%20Runs" if exp else None,
     "experiment-chain-run": f"{ui}/runs/flow-run/{chains['s0/confidence']['id']}" if chains else None,
     "experiment-step-run": (f"{ui}/runs/flow-run/{steps['s0/confidence/step2']['id']}"
                             if "s0/confidence/step2" in steps else None),
@@ -139,8 +139,6 @@ for name, url in pages.items():
         need = ["ui-service", "rumflow-service-step", "Every 15 seconds", "Completed"]
     elif name.endswith("flow-run"):
         need = ["Completed"]
-    elif name == "experiment-subflow-runs":
-        need = ["s0/confidence", "s0/entropy", "rumflow-chain"]
     elif name == "experiment-chain-run":
         need = ["s0/confidence", "Completed", "rumflow-chain"]
     elif name == "experiment-step-run":
