@@ -8,19 +8,22 @@ table builders of rumflow.records.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging.loggers import flow_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -417,13 +420,31 @@ def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | N
                    vanilla_sha256=chain.vanilla.result().ckpt.sha256)
 
 
+def retrying_busy_api(call: Callable[[], Any], what: str, delays: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)) -> Any:
+    """`call()`, called again (after `delays`) while it fails with 503: the embedded SQLite server answers
+    503 when a write loses a race with another (SQLITE_BUSY), and creating a subflow run writes its task
+    run in a read-then-write transaction that the task-run events of a cached re-run keep racing (measured:
+    one of 90 subflow calls of the default experiment's cached re-run failed so, after the client's own
+    5 retries). A step or chain called again only finds its work in the cache."""
+    for delay in (*delays, None):
+        try:
+            return call()
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 503 or delay is None:
+                raise
+            logging.getLogger("rumflow").warning("%s: the Prefect API answered 503 (busy); again in %.0f s",
+                                                 what, delay)
+            time.sleep(delay)
+
+
 @flow(name="rumflow-chain", flow_run_name="s{seed}/{proxy}", log_prints=False)
 def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
     """The K sequential steps of one (seed, proxy) chain, each a subflow of its own."""
     run: Run = shared_state(run_key)
-    previous = None
+    previous, step = None, step_flow.with_options(task_runner=SharedTaskRunner(run_key))
     for k in range(1, run.cfg.forget.steps + 1):
-        previous = step_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy, k, previous)
+        previous = retrying_busy_api(lambda k=k, previous=previous: step(run_key, seed, proxy, k, previous),
+                                     f"s{seed}/{proxy}/step{k}")
     return previous
 
 
@@ -435,8 +456,9 @@ def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any) 
     The subflows send no heartbeats (the experiment's flow run does): Prefect joins a flow run's
     heartbeat thread at its end, and that thread sleeps in 1-second steps, which cost each subflow run
     up to a second (an empty subflow took 1.3 s with them, 0.4 s without, embedded server)."""
+    chain = chain_flow.with_options(task_runner=SharedTaskRunner(run_key))
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return chain_flow.with_options(task_runner=SharedTaskRunner(run_key))(run_key, seed, proxy)
+        return retrying_busy_api(lambda: chain(run_key, seed, proxy), f"s{seed}/{proxy}")
 
 
 def wait_for_chains(run: Run, sources: list[PrefectFuture], chains: list[PrefectFuture]) -> None:

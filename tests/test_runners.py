@@ -44,3 +44,35 @@ def test_the_runner_is_not_part_of_the_config_digest():
     a = validate_config({"runner": {"kind": "threads"}})
     b = validate_config({"runner": {"kind": "ray", "workers": 4}})
     assert a.digest() == b.digest()
+
+
+def test_a_busy_api_is_asked_again_and_other_errors_are_not():
+    """retrying_busy_api calls again on 503 (the embedded SQLite server's 'busy'), up to its delays, and
+    lets any other error through at once."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from rumflow.flows.experiment import retrying_busy_api
+
+    def failing(status: int, times: int):
+        calls = []
+
+        def call():
+            calls.append(1)
+            if len(calls) <= times:
+                request = httpx.Request("POST", "http://127.0.0.1/api/task_runs/")
+                raise PrefectHTTPStatusError.from_httpx_error(httpx.HTTPStatusError(
+                    "busy", request=request, response=httpx.Response(status, request=request)))
+            return "done"
+        return call, calls
+
+    call, calls = failing(503, 2)
+    assert retrying_busy_api(call, "step", delays=(0, 0, 0)) == "done" and len(calls) == 3
+    call, calls = failing(503, 5)
+    with pytest.raises(PrefectHTTPStatusError):
+        retrying_busy_api(call, "step", delays=(0, 0))
+    assert len(calls) == 3  # two delays: three calls, then the error
+    call, calls = failing(500, 1)
+    with pytest.raises(PrefectHTTPStatusError):
+        retrying_busy_api(call, "step", delays=(0, 0))
+    assert len(calls) == 1
