@@ -227,11 +227,14 @@ def submit_step(s: Submitter, chain: Chain, k: int) -> Step:
     return step
 
 
+def tasks_per_call(spec: MethodSpec) -> int:
+    """Tasks one `Submitter.unlearn` call submits: the unlearning, and its method's preparation if any."""
+    return 2 if get_method(spec.method).prepare is not None else 1
+
+
 def tasks_per_step(cfg: ExperimentConfig, proxy: str, k: int) -> int:
     """How many tasks `submit_step` submits for step k of a `proxy` chain (the progress bar's share)."""
-    def call(spec: MethodSpec) -> int:
-        return 2 if get_method(spec.method).prepare is not None else 1
-
+    call = tasks_per_call
     n = (k > 1 and proxy in cfg.recompute) + 1 + 1 + (k == 1) + 1  # proxy, plan, retrain, evaluations
     return n + sum(call(getattr(cfg.rum, stage)) + 1 for stage in TIERS) + call(cfg.vanilla) + 1
 
@@ -245,7 +248,7 @@ def planned_tasks(cfg: ExperimentConfig) -> int:
                                  for k in range(1, cfg.forget.steps + 1))
     n = cfg.evaluate.forgetting_quality.models
     calls = {"rum": [getattr(cfg.rum, stage) for stage in TIERS], "vanilla": [cfg.vanilla]}
-    fq = sum(n + sum(n * sum(2 if get_method(spec.method).prepare is not None else 1 for spec in specs) + 1
+    fq = sum(n + sum(n * sum(tasks_per_call(spec) for spec in specs) + 1
                      for specs in calls.values()) for _ in cfg.proxies) if n else 0
     return sources + steps + fq
 
