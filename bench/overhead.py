@@ -155,11 +155,12 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
     """The body of run_loop; (seconds, run folder)."""
     from rumflow import records
     from rumflow.artifacts import runfolder
-    from rumflow.artifacts.report import build_report
     from rumflow.config import dump_config
     from rumflow.flows import experiment as ex
     from rumflow.proxies.registry import PROXIES
     from rumflow.runtime import check_feasible, dataset_on
+    from rumflow.tasks.refs import ChainRecord
+    from rumflow.tasks.report import report_task, table_digests
 
     start = time.perf_counter()
     run_dir = out.expanduser().resolve() / cfg.name
@@ -189,8 +190,11 @@ def _loop(cfg: ExperimentConfig, out: Path) -> tuple[float, Path]:
                                               {p: chains[(first, p)].plans[0] for p in cfg.proxies})
         n_train = len(dataset_on(cfg.data, cfg.device).train)
         rows = [row for step in steps for row in ex.build_rows(cfg, base, step, n_train)]
-        outputs = ex.write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
-        outputs += build_report(run_dir)
+        done = {key: ChainRecord(rows=[], plans=[f.result() for f in c.plans], models=[],
+                                 recomputed=[(k, f.result()) for k, f in c.recomputed]) for key, c in chains.items()}
+        outputs = ex.write_outputs(cfg, run_dir, base, rows, originals, scores, done, truth, fq)
+        report = report_task.fn(tables=table_digests(run_dir, outputs), workdir=s.workdir)
+        outputs += [run_dir / rel for rel in report.files]
         runfolder.finish(run_dir, dump_config(cfg), outputs, cfg.digest())
     return time.perf_counter() - start, run_dir
 

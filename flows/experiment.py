@@ -21,18 +21,16 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.futures import PrefectFuture, as_completed
-from prefect.logging.loggers import flow_run_logger
+from prefect.logging.loggers import flow_run_logger, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from rumflow.artifacts.prefect_artifacts import (advance_progress, artifact_key, publish_step_table,
                                                  publish_summary, start_progress)
-from rumflow.artifacts.report import build_report
 from rumflow.artifacts.tables import write_parquet
 from rumflow.artifacts import runfolder
 from rumflow.config import ExperimentConfig, MethodSpec, dump_config, validate_config
@@ -44,8 +42,12 @@ from rumflow.planning import TIERS
 from rumflow.proxies.registry import PROXIES
 from rumflow import records
 from rumflow.runtime import check_feasible, dataset_on
-from rumflow.tasks.caching import (DATA, EVALUATION, MODELS, STORE, TRAINING, code_sha, in_run_dir,
-                                   method_modules, record_storage)
+from rumflow.tasks.caching import (DATA, EVALUATION, MODELS, STORE, TRAINING, TaskKey, code_digest, code_sha,
+                                   in_run_dir, method_modules, record_storage, task_modules)
+from rumflow.tasks.compute import ranked
+from rumflow.tasks.records import RecordSerializer
+from rumflow.tasks.refs import ChainRecord
+from rumflow.tasks.report import report_task, table_digests
 from rumflow.tasks.work import (evaluate_task, forgetting_quality_task, memorization_task, plan_task, prepare_task,
                                 proxy_task, train_task, unlearn_task)
 
@@ -104,10 +106,10 @@ class Submitter:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path):
         self.cfg, self.workdir = cfg, str(run_dir)
-        storage = record_storage(run_dir)
+        self.storage = storage = record_storage(run_dir)
         bound = {t.name: in_run_dir(t, storage) for t in (train_task, proxy_task, memorization_task, plan_task,
                                                            prepare_task, unlearn_task, evaluate_task,
-                                                           forgetting_quality_task)}
+                                                           forgetting_quality_task, report_task)}
         self.tasks = bound
         self.futures: list[PrefectFuture] = []
         self.stop = threading.Event()  # set on the first failure: no new task starts
@@ -250,7 +252,7 @@ def planned_tasks(cfg: ExperimentConfig) -> int:
     calls = {"rum": [getattr(cfg.rum, stage) for stage in TIERS], "vanilla": [cfg.vanilla]}
     fq = sum(n + sum(n * sum(tasks_per_call(spec) for spec in specs) + 1
                      for specs in calls.values()) for _ in cfg.proxies) if n else 0
-    return sources + steps + fq
+    return sources + steps + fq + 1  # the report
 
 
 def build_rows(cfg: ExperimentConfig, base: dict[str, Any], step: Step, n_train: int) -> list[dict[str, Any]]:
@@ -269,7 +271,7 @@ def build_rows(cfg: ExperimentConfig, base: dict[str, Any], step: Step, n_train:
     return out
 
 
-def step_line(step: Step, rows: list[dict[str, Any]], cached: bool) -> str:
+def step_line(seed: int, proxy: str, k: int, rows: list[dict[str, Any]], cached: bool) -> str:
     """The log line of a finished step."""
     by = {(r["strategy"], r["final"]): r for r in rows}
     rum, van, ref = by[("rum", True)], by[("vanilla", True)], by[("retrain", True)]
@@ -280,7 +282,7 @@ def step_line(step: Step, rows: list[dict[str, Any]], cached: bool) -> str:
 
     cost = ("cached" if cached else f"seconds rum {rum['seconds_step']:.1f} vanilla {van['seconds']:.1f} "
             f"retrain {ref['seconds']:.1f}")
-    return (f"seed {step.seed} | {step.proxy} | step {step.k}: ToW rum {t(rum):.3f} vanilla {t(van):.3f} | "
+    return (f"seed {seed} | {proxy} | step {k}: ToW rum {t(rum):.3f} vanilla {t(van):.3f} | "
             f"forget acc rum {rum['acc_forget']:.3f} vanilla {van['acc_forget']:.3f} retrain "
             f"{ref['acc_forget']:.3f} | {cost}")
 
@@ -353,9 +355,9 @@ class Progress:
         self.id = start_progress(key, total, f"{total} tasks: training, proxies, references, unlearning, "
                                              "evaluation")
 
-    def tick(self) -> None:
+    def tick(self, n: int = 1) -> None:
         with self.lock:
-            self.done += 1
+            self.done += n
             if int(100 * self.done / self.total) != self.shown:
                 self.shown = int(100 * self.done / self.total)
                 advance_progress(self.id, self.done, self.total)
@@ -374,6 +376,7 @@ class Run:
     progress: Progress
     chains: dict[tuple[int, str], Chain]
     rows: dict[tuple[int, str, int], list[dict[str, Any]]] = field(default_factory=dict)
+    models: dict[tuple[int, str], list[Any]] = field(default_factory=dict)  # CheckpointRefs of each chain's rows
 
 
 # Chains in flight per worker: enough independent tasks (each step's retrain, RUM and vanilla branches)
@@ -404,7 +407,7 @@ def settle(futures: list[PrefectFuture], run: Run) -> None:
         run.progress.tick()
 
 
-@flow(name="rumflow-step", flow_run_name="s{seed}/{proxy}/step{k}", log_prints=False)
+@flow(name="rumflow-step", persist_result=False, flow_run_name="s{seed}/{proxy}/step{k}", log_prints=False)
 def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | None = None) -> Handoff:
     """Step k of the (seed, proxy) chain, starting from the models `previous` ended with: its tasks, then
     its table artifact and log line once they are all done."""
@@ -415,12 +418,20 @@ def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | N
     settle(submitted, run)
     rows = build_rows(run.cfg, run.base, step, run.n_train)
     run.rows[(seed, proxy, k)] = rows
+    run.models.setdefault((seed, proxy), []).extend(r.model.result().ckpt for r in step.rows)
     cached = all(_is_cached(f) for r in step.rows for f in (r.model, r.metrics))
     ctx = FlowRunContext.get()  # the step's logger (the chain task's run context is still set here)
-    flow_run_logger(ctx.flow_run, ctx.flow).info(step_line(step, rows, cached))
-    publish_step_table(run.key, seed, proxy, k, add_derived_columns(pd.DataFrame(rows)).to_dict("records"))
+    report_step(run, seed, proxy, k, rows, cached, flow_run_logger(ctx.flow_run, ctx.flow))
     return Handoff(seed=seed, proxy=proxy, step=k, rum_sha256=chain.rum.result().ckpt.sha256,
                    vanilla_sha256=chain.vanilla.result().ckpt.sha256)
+
+
+def report_step(run: Run, seed: int, proxy: str, k: int, rows: list[dict[str, Any]], cached: bool,
+                logger: logging.Logger | logging.LoggerAdapter, publish: bool = True) -> None:
+    """A finished step's log line and (with `publish`) its table artifact."""
+    logger.info(step_line(seed, proxy, k, rows, cached))
+    if publish:
+        publish_step_table(run.key, seed, proxy, k, add_derived_columns(pd.DataFrame(rows)).to_dict("records"))
 
 
 def retrying_busy_api(call: Callable[[], Any], what: str, delays: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)) -> Any:
@@ -440,7 +451,7 @@ def retrying_busy_api(call: Callable[[], Any], what: str, delays: tuple[float, .
             time.sleep(delay)
 
 
-@flow(name="rumflow-chain", flow_run_name="s{seed}/{proxy}", log_prints=False)
+@flow(name="rumflow-chain", persist_result=False, flow_run_name="s{seed}/{proxy}", log_prints=False)
 def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
     """The K sequential steps of one (seed, proxy) chain, each a subflow of its own."""
     run: Run = shared_state(run_key)
@@ -451,36 +462,102 @@ def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
     return previous
 
 
-@task(name="chain", task_run_name="chain s{seed}/{proxy}", cache_policy=NO_CACHE, persist_result=False)
-def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any) -> Handoff | None:
+@contextmanager
+def not_persisting_subflows() -> Iterator[None]:
+    """Inside this task, subflows do not write their results: a subflow asks the run context whether to
+    persist, finds this task's (persisting, for its own cache record) and would leave one stray record
+    per subflow run in the run folder's cache (Prefect 3.9)."""
+    ctx = TaskRunContext.get()
+    if ctx is None:
+        yield
+        return
+    quiet = ctx.model_copy(update={"persist_result": False})
+    quiet._token = None  # a copy of an entered context is not entered itself
+    with quiet:
+        yield
+
+
+def chain_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config a chain's results depend on: all of it but what only chooses which chains run
+    (name, seeds, proxies), where they run, and the true-memorization estimate (a chain sees its scores)."""
+    return cfg.model_dump(mode="json", exclude={"name", "seeds", "proxies", "runner", "memorization"})
+
+
+def chain_code(cfg: ExperimentConfig) -> str:
+    """The digest of the code a chain's tasks run (every task kind a step submits, the methods of the
+    RUM tiers and of vanilla) and of the row builders; the chain task adds its own module."""
+    names = {"rumflow.records"}
+    for t in (plan_task, train_task, proxy_task, prepare_task, unlearn_task, evaluate_task):
+        names |= task_modules(t)
+    for spec in [*(getattr(cfg.rum, stage) for stage in TIERS), cfg.vanilla]:
+        names |= set(method_modules(spec.method))
+    return code_digest(names)
+
+
+def chain_tasks(cfg: ExperimentConfig, proxy: str) -> int:
+    """Planned tasks of one `proxy` chain (a cached chain advances the progress by all of them)."""
+    return sum(tasks_per_step(cfg, proxy, k) for k in range(1, cfg.forget.steps + 1))
+
+
+@task(name="chain", task_run_name="chain s{seed}/{proxy}", persist_result=True, cache_result_in_memory=False,
+      cache_policy=TaskKey(modules=("rumflow.records",)), result_serializer=RecordSerializer())
+def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any, settings: dict[str, Any],
+               code: str) -> ChainRecord:
     """Run the (seed, proxy) chain's subflow once its original model and its proxy scores are ready
     (they are its inputs in the run graph); the chain's own tasks go to the flow's task runner.
+
+    Cached as one unit: its key is the original's and the scores' content, the config the chain reads
+    (`settings`) and the digest of the code it runs (`code`), so a re-run whose chains are unchanged
+    reads one record per chain instead of creating its ~90 subflow and task runs. When the key changes
+    (a method edited), the subflow runs and its own tasks come back Cached wherever their keys still hold.
 
     The subflows send no heartbeats (the experiment's flow run does): Prefect joins a flow run's
     heartbeat thread at its end, and that thread sleeps in 1-second steps, which cost each subflow run
     up to a second (an empty subflow took 1.3 s with them, 0.4 s without, embedded server)."""
-    chain = chain_flow.with_options(task_runner=SharedTaskRunner(run_key))
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return retrying_busy_api(lambda: chain(run_key, seed, proxy), f"s{seed}/{proxy}")
+    run: Run = shared_state(run_key)
+    chain_run = chain_flow.with_options(task_runner=SharedTaskRunner(run_key))
+    with not_persisting_subflows(), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            ranked((list(run.chains).index((seed, proxy)),)):
+        retrying_busy_api(lambda: chain_run(run_key, seed, proxy), f"s{seed}/{proxy}")
+    chain = run.chains[(seed, proxy)]
+    own = [[{k: v for k, v in row.items() if k not in run.base} for row in run.rows[(seed, proxy, k)]]
+           for k in range(1, run.cfg.forget.steps + 1)]
+    return ChainRecord(rows=own, plans=[f.result() for f in chain.plans],
+                       recomputed=[(k, f.result()) for k, f in chain.recomputed], models=run.models[(seed, proxy)])
 
 
-def wait_for_chains(run: Run, sources: list[PrefectFuture], chains: list[PrefectFuture]) -> None:
-    """Wait for the sources (ticking the progress) and the chains; raise the first real failure (a
-    chain that only stopped because another failed waits for that one's error)."""
+def wait_for_chains(run: Run, sources: list[PrefectFuture],
+                    chains: dict[tuple[int, str], PrefectFuture]) -> dict[tuple[int, str], ChainRecord]:
+    """Wait for the sources (ticking the progress) and the chains, and return each chain's record; raise
+    the first real failure (a chain that only stopped because another failed waits for that one's error).
+    A chain served from its cache ran no step subflow: its steps' log lines come from here, and their
+    table artifacts stay those the run that computed them published under the same keys (the keys hold
+    the config's digest); publishing 75 again took 5.5 s of a 21-s cached re-run of the default grid."""
     stopped: Stopping | None = None
-    for future in as_completed(sources + chains):
+    which = {id(f): key for key, f in chains.items()}
+    done: dict[tuple[int, str], ChainRecord] = {}
+    for future in as_completed(sources + list(chains.values())):
         try:
-            future.result()
+            result = future.result()
         except Stopping as exc:
             stopped = stopped or exc
             continue
         except BaseException:
             run.submitter.stop.set()
             raise
-        if future in sources:
+        if id(future) not in which:
             run.progress.tick()
+            continue
+        seed, proxy = key = which[id(future)]
+        done[key] = result
+        if _is_cached(future):
+            run.progress.tick(chain_tasks(run.cfg, proxy))
+            for k, rows in enumerate(result.rows, start=1):
+                report_step(run, seed, proxy, k, [{**run.base, **row} for row in rows], True, get_run_logger(),
+                            publish=False)
     if stopped is not None:
         raise stopped
+    return done
 
 
 def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
@@ -505,19 +582,24 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
     run = Run(cfg, s, base, key, len(dataset_on(cfg.data, cfg.device).train), Progress(key, planned_tasks(cfg)),
               chains)
     drivers = ThreadPoolTaskRunner(min(len(chains), CHAINS_PER_WORKER * worker_count(cfg.runner, cfg.device)))
+    chain, settings, code = in_run_dir(chain_task, s.storage), chain_settings(cfg), chain_code(cfg)
     with sharing(FlowRunContext.get().task_runner, run) as run_key, drivers:
-        wait_for_chains(run, list(s.futures), [
-            drivers.submit(chain_task, {"run_key": run_key, "seed": seed, "proxy": p, "original": chain.original,
-                                        "scores": chain.scores}) for (seed, p), chain in chains.items()])
+        done = wait_for_chains(run, list(s.futures), {
+            (seed, p): drivers.submit(chain, {"run_key": run_key, "seed": seed, "proxy": p, "original": c.original,
+                                              "scores": c.scores, "settings": settings, "code": code})
+            for (seed, p), c in chains.items()})
     fq = []
     if cfg.evaluate.forgetting_quality.models:
         first = cfg.seeds[0]
         with s.collecting() as submitted:
-            fq = submit_forgetting_quality(s, first, originals, {p: chains[(first, p)].plans[0] for p in cfg.proxies})
+            fq = submit_forgetting_quality(s, first, originals, {p: done[(first, p)].plans[0] for p in cfg.proxies})
         settle(submitted, run)
-    rows = [row for k in range(1, cfg.forget.steps + 1) for (seed, p) in chains for row in run.rows[(seed, p, k)]]
-    outputs = write_outputs(cfg, run_dir, base, rows, originals, scores, chains, truth, fq)
-    outputs += build_report(run_dir)
+    rows = [{**base, **row} for k in range(1, cfg.forget.steps + 1) for key in chains for row in done[key].rows[k - 1]]
+    outputs = write_outputs(cfg, run_dir, base, rows, originals, scores, done, truth, fq)
+    with s.collecting() as submitted:
+        report = s.submit("report", cfg.name, tables=table_digests(run_dir, outputs), workdir=s.workdir)
+    settle(submitted, run)
+    outputs += [run_dir / rel for rel in report.result().files]
     runfolder.finish(run_dir, dump_config(cfg), outputs, cfg.digest())  # config.yaml, then the manifest last
     publish_summary(key, (run_dir / "summary.md").read_text(), str(run_dir))
     return str(run_dir)
@@ -525,7 +607,7 @@ def _experiment(cfg: ExperimentConfig, run_dir: Path) -> str:
 
 def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], rows: list[dict[str, Any]],
                   originals: dict[int, PrefectFuture], scores: dict[int, dict[str, PrefectFuture]],
-                  chains: dict[tuple[int, str], Chain], truth: PrefectFuture | None,
+                  chains: dict[tuple[int, str], ChainRecord], truth: PrefectFuture | None,
                   fq: list[tuple[str, str, PrefectFuture]]) -> list[Path]:
     """steps.parquet, examples.parquet, proxies.parquet (and forgetting_quality.parquet); their paths."""
     written = [write_parquet(records.steps_table(rows, cfg.proxies), run_dir / "steps.parquet")]
@@ -534,9 +616,9 @@ def write_outputs(cfg: ExperimentConfig, run_dir: Path, base: dict[str, Any], ro
               for seed in cfg.seeds]
     marks = []
     for (seed, p), chain in chains.items():
-        blocks += [records.scores_block(seed, k, {p: f.result().load(run_dir)}) for k, f in chain.recomputed]
+        blocks += [records.scores_block(seed, k, {p: found.load(run_dir)}) for k, found in chain.recomputed]
         for plan in chain.plans:
-            marks += records.forgotten_marks(seed, p, plan.result())
+            marks += records.forgotten_marks(seed, p, plan)
     written.append(write_parquet(records.examples_table(base, cfg.proxies, train.ids(), train.y.cpu().numpy(),
                                                         blocks, marks), run_dir / "examples.parquet"))
     quality = {seed: {p: (f.result().load(run_dir), f.result().seconds) for p, f in by.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,8 +26,9 @@ from prefect.utilities.hashing import hash_objects
 from rumflow.tasks.compute import in_compute_slot
 from rumflow.tasks.records import RecordSerializer, VerifiedFiles
 
-# Inputs that never change a result: where the run folder is, and the human-readable label.
-UNKEYED = frozenset({"workdir", "label"})
+# Inputs that never change a result: where the run folder is, the human-readable label, and the
+# in-process handle of the running experiment whose state a chain task reads.
+UNKEYED = frozenset({"workdir", "label", "run_key"})
 
 # Module groups the tasks share (the data set, models, the training loop, the checkpoint store).
 DATA = ("rumflow.data", "rumflow.readers", "rumflow.runtime", "rumflow.registry")
@@ -39,8 +41,9 @@ EVALUATION = ("rumflow.evaluation", "rumflow.metrics", "rumflow.planning")
 @lru_cache(maxsize=None)
 def module_digest(name: str) -> str:
     """sha256 of one module's source file."""
-    module = importlib.import_module(name)
-    path = getattr(module, "__file__", None)
+    # found, not imported: a key may name a module that is slow to import (matplotlib behind the report)
+    spec = importlib.util.find_spec(name)
+    path = spec.origin if spec is not None and spec.has_location else None
     if not path:
         return hashlib.sha256(name.encode()).hexdigest()
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -116,6 +119,17 @@ class TaskKey(CachePolicy):
         if self.dynamic is not None:
             names |= set(self.dynamic(inputs))
         return code_digest(names)
+
+
+def task_modules(t: Task, inputs: dict[str, Any] | None = None) -> set[str]:
+    """The modules task `t`'s key covers for a call with `inputs` (its own, its static ones, and those its
+    inputs choose when `inputs` is given)."""
+    policy = t.cache_policy
+    names = {t.fn.__module__} | set(getattr(policy, "modules", ()))
+    dynamic = getattr(policy, "dynamic", None)
+    if inputs is not None and dynamic is not None:
+        names |= set(dynamic(inputs))
+    return names
 
 
 F = TypeVar("F", bound=Callable[..., Any])

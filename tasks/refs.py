@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,3 +100,21 @@ class Unlearned(BaseModel):
     def cache_identity(self) -> dict[str, str]:
         """What a downstream key holds: the content digest of the weights (not seconds or examples)."""
         return {"weights": self.ckpt.sha256}
+
+
+@record_type
+class ChainRecord(BaseModel):
+    """What a finished (seed, proxy) chain hands its experiment: per step, its steps.parquet rows (without
+    the run's provenance columns, which the run adds), the step plans, the scores recomputed on the way,
+    and every model its rows name (checked on a cache hit, like any reference)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")  # a NaN metric stays NaN
+    rows: list[list[dict[str, Any]]]
+    plans: list[StepPlan]
+    recomputed: list[tuple[int, Scores]] = []
+    models: list[CheckpointRef]
+
+    def intact(self, run_dir: str | Path) -> bool:
+        checkpoints = store(run_dir)
+        return (all(checkpoints.intact(ref) for ref in self.models)
+                and all(s.intact(run_dir) for _, s in self.recomputed))

@@ -30,8 +30,8 @@ def read_artifacts(key: str | None = None, artifact_id=None) -> list[Artifact]:
 
 def task_states(flow_run_id) -> list[tuple[str, str]]:
     """(task run name, state name) of every task run of a flow run and of its subflow runs (the
-    experiment's chains and steps), once they have all reached the API. Orchestration task runs are
-    left out: the chain drivers (never cached) and the task runs that stand for subflow calls."""
+    experiment's chains and steps), once they have all reached the API. The task runs Prefect creates
+    for subflow calls are left out (the chain tasks, cached units of their own, are kept)."""
     from rumflow.artifacts.runfolder import flow_run_tree
 
     def read_all(client) -> list:
@@ -55,8 +55,8 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
 
 
 def orchestration(run) -> bool:
-    """A chain driver, or a task run Prefect creates in a parent flow run for a subflow call."""
-    return run.name.startswith("chain ") or run.task_key.startswith(("chain_flow-", "step_flow-"))
+    """A task run Prefect creates in a parent flow run for a subflow call."""
+    return run.task_key.startswith(("chain_flow-", "step_flow-"))
 
 
 def run_experiment(config: dict, out: Path):

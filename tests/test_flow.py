@@ -11,6 +11,7 @@ import pandas as pd
 import yaml
 from apihelpers import read_artifacts, run_experiment, task_states
 
+from rumflow.artifacts.runfolder import flow_run_tree
 from rumflow.flows.experiment import planned_tasks
 
 
@@ -79,6 +80,8 @@ def step_lines(caplog) -> list[str]:
 
 
 def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_api, tmp_path, tiny_config, caplog):
+    from prefect.client.orchestration import get_client
+
     caplog.set_level("INFO")
     run_dir, first_id = run_experiment(tiny_config, tmp_path)
     lines = step_lines(caplog)
@@ -128,8 +131,17 @@ def test_two_step_experiment_then_cached_rerun_then_partial_recompute(prefect_ap
     again_dir, second_id = run_experiment(tiny_config, tmp_path)
     assert len(step_lines(caplog)) == 4 and all(line.endswith("| cached") for line in step_lines(caplog))
     second_states = task_states(second_id)
-    assert len(second_states) == len(first_states)
+    # the sources, and one record per chain: a chain whose key still holds runs none of its step subflows
+    sources_and_chains = {name for name in names if name.startswith("chain ") or "/step" not in name}
+    assert sorted(name for name, _ in second_states) == sorted(sources_and_chains), second_states
+    assert {f"chain s0/{p}" for p in tiny_config["proxies"]} <= sources_and_chains
     assert all(state == "Cached" for _, state in second_states), second_states
+    with get_client(sync_client=True) as client:
+        assert flow_run_tree(client, second_id) == [second_id]  # no chain or step subflow run
+    assert read_artifacts(f"{key}-progress")[0].data == 100.0  # a cached chain counts all its tasks
+    # a cached chain's step tables stay those of the run that computed them (same keys)
+    assert len(read_artifacts(f"{key}-s0-confidence-step2")) == 1
+    assert dict(second_states)["report tiny"] == "Cached"  # the same tables: the report is not drawn again
     pd.testing.assert_frame_equal(pd.read_parquet(again_dir / "steps.parquet"), steps)
 
     changed = {**tiny_config, "rum": {**tiny_config["rum"], "high": {"method": "finetune", "epochs": 1}}}

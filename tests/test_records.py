@@ -49,20 +49,40 @@ def _final_rum_record(run_dir: Path) -> Path:
     raise AssertionError("no evaluation record found")
 
 
-def test_a_flipped_bit_in_an_evaluation_record_is_recomputed_not_published(prefect_api, tmp_path, one_step):
-    run_dir, _ = run_experiment(one_step, tmp_path)
-    before = pd.read_parquet(run_dir / "steps.parquet")
-    record = _final_rum_record(run_dir)
+def _flip_a_digit(record: Path, marker: str) -> None:
+    """Change one digit after `marker` in a record's body, leaving its sha256 as it was."""
     data = json.loads(record.read_bytes())
     outer = json.loads(data["result"])
-    changed = outer["body"].replace('"acc_forget": 0.', '"acc_forget": 1.', 1)  # a one-digit change
+    changed = outer["body"].replace(marker + "0.", marker + "1.", 1)
     assert changed != outer["body"]
     data["result"] = json.dumps({**outer, "body": changed})
     record.write_text(json.dumps(data))
     with pytest.raises(CorruptRecord):
-        check_record(record.read_bytes(), run_dir)
+        check_record(record.read_bytes(), record.parent.parent)
+
+
+def _chain_records(run_dir: Path) -> list[Path]:
+    """The cache records of the chain tasks (one per (seed, proxy) chain)."""
+    return [p for p in sorted((run_dir / "cache").iterdir())
+            if json.loads(json.loads(json.loads(p.read_bytes())["result"])["body"])["kind"] == "ChainRecord"]
+
+
+def test_a_flipped_bit_in_an_evaluation_record_is_recomputed_not_published(prefect_api, tmp_path, one_step):
+    run_dir, _ = run_experiment(one_step, tmp_path)
+    before = pd.read_parquet(run_dir / "steps.parquet")
+    _flip_a_digit(_final_rum_record(run_dir), '"acc_forget": ')
+    # the chain's own record (checked as a whole) serves the step's rows: the damaged number is not read
     again, flow_id = run_experiment(one_step, tmp_path)
-    assert any(state == "Completed" and name.startswith("evaluate") for name, state in task_states(flow_id))
+    assert dict(task_states(flow_id))["chain s0/confidence"] == "Cached"
+    pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
+    # a damaged chain record is refused: the chain runs, and there the damaged evaluation is refused too
+    (chain,) = _chain_records(run_dir)
+    _flip_a_digit(chain, '"acc_forget": ')
+    again, flow_id = run_experiment(one_step, tmp_path)
+    states = task_states(flow_id)
+    assert dict(states)["chain s0/confidence"] == "Completed"
+    assert [name for name, state in states if state == "Completed" and name.startswith("evaluate")] == [
+        "evaluate s0/confidence/step1/rum-high/neggrad_plus"], states
     pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
 
 
