@@ -24,6 +24,15 @@ def test_defaults_and_round_trip(tmp_path):
     assert load_config(jpath) == cfg
 
 
+def test_the_study_config_is_the_default_with_three_seeds():
+    from pathlib import Path
+
+    study = load_config(Path(__file__).parents[1] / "configs" / "study.yaml")
+    default = load_config()
+    assert default.seeds == [0] and study.seeds == [0, 1, 2]
+    assert study.model_copy(update={"name": default.name, "seeds": default.seeds}) == default
+
+
 def test_overrides_and_appendix_c_style_tiers(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"rum": {
