@@ -292,7 +292,7 @@ def _cache_problems(run_dir: Path) -> list[str]:
         return []
     import importlib
 
-    for module in ("rumflow.tasks.refs", "rumflow.tasks.service"):  # they register the record types
+    for module in ("rumflow.tasks.refs", "rumflow.tasks.report", "rumflow.tasks.service"):  # record types
         try:
             importlib.import_module(module)
         except ImportError:

@@ -128,3 +128,17 @@ def test_a_flipped_bit_in_scores_or_a_checkpoint_is_recomputed(prefect_api, tmp_
     states = dict(task_states(flow_id))
     assert states["proxy s0/confidence"] == "Completed"
     pd.testing.assert_frame_equal(comparable(pd.read_parquet(again / "steps.parquet")), comparable(before))
+
+
+def test_a_finished_run_verifies_in_a_fresh_process_also_after_rumflow_report(prefect_api, tmp_path, one_step):
+    """Every record type a run writes (chain and report records included) is known to `rumflow verify`,
+    and rebuilding the report leaves the report task's record pointing at what is there."""
+    import subprocess
+    import sys
+
+    run_dir, _ = run_experiment(one_step, tmp_path)
+    for command in ("verify", "report", "verify"):
+        done = subprocess.run([sys.executable, "-m", "rumflow.cli", command, str(run_dir)], capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+    assert "intact" in done.stdout
