@@ -25,7 +25,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging.loggers import flow_run_logger, get_run_logger
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -455,11 +455,19 @@ def retrying_busy_api(call: Callable[[], Any], what: str, delays: tuple[float, .
 def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
     """The K sequential steps of one (seed, proxy) chain, each a subflow of its own."""
     run: Run = shared_state(run_key)
-    previous, step = None, step_flow.with_options(task_runner=SharedTaskRunner(run_key))
+    previous = None
+    step = step_flow.with_options(task_runner=SharedTaskRunner(run_key), result_storage=subflow_results())
     for k in range(1, run.cfg.forget.steps + 1):
         previous = retrying_busy_api(lambda k=k, previous=previous: step(run_key, seed, proxy, k, previous),
                                      f"s{seed}/{proxy}/step{k}")
     return previous
+
+
+def subflow_results() -> Path:
+    """Where a failed chain or step subflow writes its error (Prefect always writes a failed flow run's):
+    Prefect's own local storage, as for any flow, not the run folder's cache, which the subflows would
+    otherwise inherit from the chain task and where only rumflow's verified records belong."""
+    return Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser()
 
 
 @contextmanager
@@ -515,7 +523,7 @@ def chain_task(run_key: str, seed: int, proxy: str, original: Any, scores: Any, 
     heartbeat thread at its end, and that thread sleeps in 1-second steps, which cost each subflow run
     up to a second (an empty subflow took 1.3 s with them, 0.4 s without, embedded server)."""
     run: Run = shared_state(run_key)
-    chain_run = chain_flow.with_options(task_runner=SharedTaskRunner(run_key))
+    chain_run = chain_flow.with_options(task_runner=SharedTaskRunner(run_key), result_storage=subflow_results())
     with not_persisting_subflows(), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
             ranked((list(run.chains).index((seed, proxy)),)):
         retrying_busy_api(lambda: chain_run(run_key, seed, proxy), f"s{seed}/{proxy}")

@@ -142,3 +142,27 @@ def test_a_finished_run_verifies_in_a_fresh_process_also_after_rumflow_report(pr
                               text=True, timeout=180)
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
     assert "intact" in done.stdout
+
+
+def test_a_chain_that_fails_leaves_only_rumflow_records_in_the_cache(prefect_api, tmp_path, one_step):
+    """A failing step subflow writes its error (Prefect always does for a failed flow run) outside the run
+    folder: every file in cache/ is still a record the next run and `rumflow verify` accept."""
+    from rumflow.config import validate_config
+    from rumflow.flows.experiment import configured
+    from rumflow.methods.registry import METHODS, register
+
+    def explode(model, forget, retain, params, ctx):
+        """Always fails (a test method)."""
+        raise RuntimeError("this method always fails")
+
+    register("explode_for_test")(explode)
+    try:
+        cfg = validate_config({**one_step, "vanilla": {"method": "explode_for_test"}})
+        state = configured(cfg)(cfg, out=str(tmp_path), return_state=True)
+    finally:
+        METHODS._entries.pop("explode_for_test")
+    assert state.is_failed()
+    records = [p for p in (tmp_path / "tiny" / "cache").iterdir() if p.is_file()]
+    assert records
+    for path in records:
+        check_record(path.read_bytes(), tmp_path / "tiny")  # raises on anything but a rumflow record
