@@ -407,7 +407,7 @@ def settle(futures: list[PrefectFuture], run: Run) -> None:
         run.progress.tick()
 
 
-@flow(name="rumflow-step", persist_result=False, flow_run_name="s{seed}/{proxy}/step{k}", log_prints=False)
+@flow(name="rumflow-step", flow_run_name="s{seed}/{proxy}/step{k}", log_prints=False)
 def step_flow(run_key: str, seed: int, proxy: str, k: int, previous: Handoff | None = None) -> Handoff:
     """Step k of the (seed, proxy) chain, starting from the models `previous` ended with: its tasks, then
     its table artifact and log line once they are all done."""
@@ -451,7 +451,7 @@ def retrying_busy_api(call: Callable[[], Any], what: str, delays: tuple[float, .
             time.sleep(delay)
 
 
-@flow(name="rumflow-chain", persist_result=False, flow_run_name="s{seed}/{proxy}", log_prints=False)
+@flow(name="rumflow-chain", flow_run_name="s{seed}/{proxy}", log_prints=False)
 def chain_flow(run_key: str, seed: int, proxy: str) -> Handoff | None:
     """The K sequential steps of one (seed, proxy) chain, each a subflow of its own."""
     run: Run = shared_state(run_key)

@@ -121,15 +121,9 @@ class TaskKey(CachePolicy):
         return code_digest(names)
 
 
-def task_modules(t: Task, inputs: dict[str, Any] | None = None) -> set[str]:
-    """The modules task `t`'s key covers for a call with `inputs` (its own, its static ones, and those its
-    inputs choose when `inputs` is given)."""
-    policy = t.cache_policy
-    names = {t.fn.__module__} | set(getattr(policy, "modules", ()))
-    dynamic = getattr(policy, "dynamic", None)
-    if inputs is not None and dynamic is not None:
-        names |= set(dynamic(inputs))
-    return names
+def task_modules(t: Task) -> set[str]:
+    """The modules task `t`'s key always covers: its own and its static ones (not those its inputs add)."""
+    return {t.fn.__module__} | set(getattr(t.cache_policy, "modules", ()))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
