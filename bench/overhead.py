@@ -15,8 +15,8 @@ same steps.parquet except the timing columns (so the loop really did the flow's 
 also prints the task bodies' wall and CPU seconds (inside each task's compute slot, the same computations
 in both arms): the CPU seconds show how fast the machine ran that arm (shared cores drift by several per
 cent between arms), wall minus CPU inside the bodies is what they waited for (the GIL, the cores), and
-the arm's wall minus its bodies' wall is the orchestration around them. "speed-adjusted" divides each
-arm's wall by its bodies' CPU seconds before taking the ratio.
+the arm's wall minus its bodies' wall is the orchestration around them (one worker: bodies never
+overlap). "speed-adjusted" divides each arm's wall by its bodies' CPU seconds before taking the ratio.
 --profile runs the flow arm once under a stack sampler instead and prints where the busy time goes.
 Default grid: the default experiment (`rumflow run` with no config). --quick: one seed, two proxies
 (confidence, holdout_retraining), two steps, 10 training epochs (a few minutes on 2 cores).
@@ -358,8 +358,8 @@ def main() -> None:
         ratios.append(times["flow"] / times["loop"])
         adjusted.append(ratios[-1] * bodies["loop"][1] / bodies["flow"][1])
         print(f"repeat {r + 1}: flow {times['flow']:.1f} s | loop {times['loop']:.1f} s | flow/loop "
-              f"{ratios[-1]:.3f} (speed-adjusted {adjusted[-1]:.3f}) | steps.parquet equal ({n} rows, timings aside) | load average "
-              f"{os.getloadavg()[0]:.2f}", flush=True)
+              f"{ratios[-1]:.3f} (speed-adjusted {adjusted[-1]:.3f}) | steps.parquet equal ({n} rows, timings "
+              f"aside) | load average {os.getloadavg()[0]:.2f}", flush=True)
     verdict = "meets" if statistics.median(ratios) <= 1.03 else "misses"
     print(f"median flow/loop {statistics.median(ratios):.3f} over {len(ratios)} repeat(s) ({verdict} the goal "
           f"<= 1.03); speed-adjusted median {statistics.median(adjusted):.3f}; run folders under {root}")
